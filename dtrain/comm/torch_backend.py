@@ -1,0 +1,161 @@
+"""torch.distributed backend: gloo on CPU, nccl on GPU, initialised from torchrun's environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dtrain.comm.base import Comm, CommError, PeerTimeout
+
+@dataclass
+class Config:
+    name: str = "torch"
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    timeout_s: float = 600.0
+
+
+def validate(cfg: Config) -> None:
+    if cfg.backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"comm.backend must be auto, gloo or nccl, got {cfg.backend!r}")
+    if cfg.timeout_s <= 0:
+        raise ValueError(f"comm.timeout_s must be > 0, got {cfg.timeout_s}")
+
+
+def connect(cfg: Config) -> TorchComm:
+    return TorchComm(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=cfg.timeout_s)
+
+
+_OPS = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+class TorchComm(Comm):
+    """A `Comm` over a torch.distributed process group.
+
+    If no default group exists it creates one from the environment that ``torchrun`` sets
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and destroys it on ``close()``; a group the
+    caller created is used as is and left alone.
+    """
+
+    def __init__(self, *, backend: str | None = None, timeout_s: float = 600.0, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self._owns_group = False
+        if not dist.is_initialized():
+            missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise CommError(f"torch backend needs torchrun's environment (missing {', '.join(missing)}): launch with torchrun or use comm=local")
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            self._owns_group = True
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def _to_device(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat if flat.device == self.device else flat.to(self.device)
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def _all_reduce(self, flat: torch.Tensor, op: str) -> Callable[[float | None], None]:
+        buf = self._to_device(flat)
+        work = dist.all_reduce(buf, op=_OPS[op], group=self.group, async_op=True)
+
+        def finish(timeout: float | None) -> None:
+            _wait(work, timeout, "all_reduce")
+            if buf is not flat:
+                flat.copy_(buf)
+
+        return finish
+
+    def _broadcast(self, flat: torch.Tensor, src: int) -> Callable[[float | None], None]:
+        buf = self._to_device(flat)
+        work = dist.broadcast(buf, src=self._global(src), group=self.group, async_op=True)
+
+        def finish(timeout: float | None) -> None:
+            _wait(work, timeout, "broadcast")
+            if buf is not flat:
+                flat.copy_(buf)
+
+        return finish
+
+    def _barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def _all_gather_bytes(self, payload: bytes) -> list[bytes]:
+        length = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        lengths = [torch.empty_like(length) for _ in range(self.world_size)]
+        dist.all_gather(lengths, length, group=self.group)
+        sizes = [int(n.item()) for n in lengths]
+        width = max(max(sizes), 1)
+        mine = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        if payload:
+            mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        bufs = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(bufs, mine, group=self.group)
+        return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, sizes)]
+
+    def _exchange(self, flat: torch.Tensor, peer: int, tag: int) -> Callable[[float | None], torch.Tensor]:
+        if not 0 <= peer < self.world_size:
+            raise ValueError(f"peer must be in [0, {self.world_size}), got {peer}")
+        import threading  # local: this fix is confined to _exchange
+
+        send = self._to_device(flat)
+        recv = torch.empty_like(send)
+        gpeer = self._global(peer)
+        try:
+            works = dist.batch_isend_irecv(
+                [dist.P2POp(dist.isend, send, gpeer, self.group, tag), dist.P2POp(dist.irecv, recv, gpeer, self.group, tag)]
+            )
+        except RuntimeError as e:
+            raise CommError(f"exchange with peer {peer} failed: {str(e).splitlines()[0]}") from e
+        # gloo closes the connection to a peer when a wait on it times out, and its p2p works never
+        # report completion until waited on; so a helper thread waits without a timeout (keeping the
+        # buffers alive for a late peer) and the caller's timeout applies to that thread's event.
+        done, errors = threading.Event(), []
+
+        def drain() -> None:
+            try:
+                for w in works:
+                    w.wait()
+            except RuntimeError as e:
+                errors.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=drain, name=f"dtrain-exchange-{peer}-{tag}", daemon=True).start()
+
+        def finish(timeout: float | None) -> torch.Tensor:
+            if not done.wait(timeout):
+                raise PeerTimeout(f"exchange with peer {peer}: no answer within {timeout}s (tag {tag})")
+            if errors:
+                raise CommError(f"exchange with peer {peer} failed: {str(errors[0]).splitlines()[0]}") from errors[0]
+            return recv if recv.device == flat.device else recv.to(flat.device)
+
+        return finish
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+
+def _wait(work: dist.Work, timeout: float | None, what: str, *, peer_timeout: bool = False) -> None:
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout))
+    except RuntimeError as e:
+        text = str(e).lower()
+        if peer_timeout and ("timed out" in text or "timeout" in text):
+            raise PeerTimeout(f"{what}: no answer within {timeout}s") from e
+        raise CommError(f"{what} failed: {str(e).splitlines()[0]}") from e

@@ -1,0 +1,130 @@
+"""What a run writes: metrics.jsonl, summary.json, loss.png, and the rank-0 progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+COMM_FIELDS = ("bytes_sent", "bytes_recv", "payload_bytes", "messages", "collectives", "blocked_s")
+
+
+def peak_mem_bytes() -> int:
+    """Peak resident set size of this process (and, on GPU, peak allocated CUDA memory if larger)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = rss if sys.platform == "darwin" else rss * 1024
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak = max(peak, torch.cuda.max_memory_allocated())
+    except Exception:  # noqa: BLE001 - memory reporting must never fail a run
+        pass
+    return int(peak)
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops lines past the resumed step."""
+
+    def __init__(self, path: Path, *, resume_step: int | None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and _step_of(ln) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, allow_nan=False, default=_clean) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return sys.maxsize
+
+
+def _clean(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def aggregate_comm(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-worker counters plus max and mean over workers, as summary.json's ``comm``."""
+    per = [{k: w["comm"][k] for k in COMM_FIELDS} | {"rank": w["rank"]} for w in workers]
+    out: dict[str, Any] = {"per_worker": per}
+    for agg, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))):
+        out[agg] = {k: fn([p[k] for p in per]) for k in COMM_FIELDS} if per else {}
+    return out
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=_clean))
+    os.replace(tmp, path)
+
+
+def plot_loss(metrics_path: Path, out_path: Path) -> None:
+    """loss against wall time and against bytes sent (rank 0's log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    train = [r for r in rows if r.get("loss") is not None]
+    evals = [r for r in rows if r.get("eval") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "wall_s", "wall time (s)"), (axes[1], "bytes_sent", "bytes sent by rank 0")):
+        ax.plot([r[key] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+        if evals:
+            ax.plot([r[key] for r in evals], [r["eval"] for r in evals], "o-", label="validation", ms=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+class Progress:
+    """A tqdm bar on rank 0 showing loss, tokens/s and bytes sent; silent elsewhere."""
+
+    def __init__(self, *, enabled: bool, total: int, initial: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr, desc="train")
+
+    def update(self, n: int, *, loss: float, tokens_per_s: float, bytes_sent: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", sent=_human(bytes_sent), refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TB"

@@ -1,0 +1,60 @@
+"""The workload interface: model init, a deterministic data stream, a loss, a metric, a target."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple (run seed, step, rank, ...); stable across processes and runs."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: int | str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(stream_seed(*parts))
+    return g
+
+
+class Workload(ABC):
+    """One AlgoPerf-style problem.
+
+    Subclasses set ``name``, ``metric`` (the validation metric's name), ``higher_is_better``,
+    ``target`` (what a tuned NAdamW baseline reaches in ``time_budget_s``) and ``time_budget_s``.
+    Batches are a pure function of (seed, step, rank), so a resumed run sees the same data.
+    """
+
+    name: str = ""
+    metric: str = "val_loss"
+    higher_is_better: bool = False
+    target: float = float("nan")
+    time_budget_s: float = 120.0
+
+    def __init__(self, cfg: Any, *, seed: int) -> None:
+        self.cfg = cfg
+        self.seed = seed
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model, initialised from ``self.seed`` alone (every worker builds the same one)."""
+
+    @abstractmethod
+    def train_batch(self, step: int, rank: int, world_size: int) -> Any:
+        """Worker ``rank``'s batch at ``step``: deterministic in (seed, step, rank)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar training loss (mean over the batch)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation results; must contain ``self.metric`` (and ``val_loss`` where it makes sense)."""
+
+    def reached(self, value: float) -> bool:
+        return value >= self.target if self.higher_is_better else value <= self.target

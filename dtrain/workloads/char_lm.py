@@ -1,0 +1,167 @@
+"""char_lm: a small GPT-style byte-level decoder on the stdlib docstring corpus (or your text).
+
+Target: validation loss (nats per byte). The default target is what the NAdamW/AdamW
+baseline at the default config reaches in its step budget on one worker; see
+``benchmarks/results`` and the README for how it was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtrain.workloads.base import Workload, generator
+from dtrain.workloads.corpus import default_corpus
+
+VOCAB = 256  # bytes: any user text works without a tokenizer
+
+
+@dataclass
+class Config:
+    name: str = "char_lm"
+    data_path: str = ""  # a UTF-8 text file; empty = the embedded stdlib docstring corpus
+    seq_len: int = 64
+    batch_size: int = 16
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    val_fraction: float = 0.05
+    eval_batches: int = 8
+    eval_batch_size: int = 32
+    target: float = 2.0  # val_loss (nats/byte)
+    time_budget_s: float = 120.0
+
+
+def validate(cfg: Config) -> None:
+    for key in ("seq_len", "batch_size", "n_layer", "n_head", "d_model", "eval_batches", "eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"workload.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"workload.d_model ({cfg.d_model}) must be divisible by workload.n_head ({cfg.n_head})")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"workload.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.data_path and not Path(cfg.data_path).is_file():
+        raise ValueError(f"workload.data_path={cfg.data_path} is not a readable file; point it at a UTF-8 text file or leave it empty")
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (y.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for y in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, ``n_layer`` pre-norm blocks in ``blocks``, final norm, head."""
+
+    def __init__(self, *, vocab: int, seq_len: int, n_layer: int, n_head: int, d_model: int) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d_model)
+        self.pos_emb = nn.Embedding(seq_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def init_weights(model: nn.Module, gen: torch.Generator) -> None:
+    """GPT-2 style init from a private generator (the global RNG is left alone)."""
+    n_layer = sum(1 for _ in model.modules() if isinstance(_, Block)) or 1
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("weight"):  # LayerNorm gains
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def split_text(text: str, val_fraction: float) -> tuple[bytes, bytes]:
+    """Paragraphs go to validation by a hash of their content: deterministic, and duplicates never leak."""
+    train, val = [], []
+    buckets = 10_000
+    for para in text.split("\n\n"):
+        h = int.from_bytes(hashlib.blake2b(para.encode("utf-8"), digest_size=4).digest(), "little")
+        (val if h % buckets < val_fraction * buckets else train).append(para)
+    return "\n\n".join(train).encode("utf-8"), "\n\n".join(val).encode("utf-8")
+
+
+class CharLM(Workload):
+    name = "char_lm"
+    metric = "val_loss"
+    higher_is_better = False
+
+    def __init__(self, cfg: Config, *, seed: int) -> None:
+        super().__init__(cfg, seed=seed)
+        self.target = float(cfg.target)
+        self.time_budget_s = float(cfg.time_budget_s)
+        text = Path(cfg.data_path).read_text(encoding="utf-8", errors="replace") if cfg.data_path else default_corpus()
+        train, val = split_text(text, cfg.val_fraction)
+        need = cfg.seq_len + 2
+        if len(train) < need or len(val) < need:
+            raise ValueError(f"workload.data_path text is too short: need more than {need} bytes in both train and validation splits")
+        self.train_data = torch.frombuffer(bytearray(train), dtype=torch.uint8)
+        self.val_data = torch.frombuffer(bytearray(val), dtype=torch.uint8)
+
+    def build_model(self) -> nn.Module:
+        c = self.cfg
+        model = GPT(vocab=VOCAB, seq_len=c.seq_len, n_layer=c.n_layer, n_head=c.n_head, d_model=c.d_model)
+        init_weights(model, generator(self.seed, "init"))
+        return model
+
+    def _windows(self, data: torch.Tensor, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.cfg.seq_len
+        starts = torch.randint(0, len(data) - t - 1, (batch_size,), generator=gen)
+        idx = starts[:, None] + torch.arange(t + 1)
+        chunk = data[idx].long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def train_batch(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._windows(self.train_data, self.cfg.batch_size, generator(self.seed, "train", step, rank))
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        device = next(model.parameters()).device
+        logits = model(x.to(device))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        gen = generator(self.seed, "val")
+        total = 0.0
+        for _ in range(self.cfg.eval_batches):
+            total += float(self.loss(model, self._windows(self.val_data, self.cfg.eval_batch_size, gen)))
+        model.train(was_training)
+        return {"val_loss": total / self.cfg.eval_batches}
+
+
+def build(cfg: Config, *, seed: int) -> CharLM:
+    return CharLM(cfg, seed=seed)

@@ -1,0 +1,80 @@
+"""The embedded default corpus: docstrings of Python's standard library, read with `ast`.
+
+Modules are parsed, never imported (some have side effects at import). The text is gathered
+once, cached under the user's cache directory keyed by the Python version, and written
+atomically so concurrent workers never see a partial file.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+SEPARATOR = "\n\n"
+MAX_BYTES = 4_000_000  # plenty for a small model; keeps first-use gathering to seconds
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _docstrings(source: str) -> list[str]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= 40:
+                out.append(doc)
+    return out
+
+
+def gather_docstrings(root: Path | None = None, *, max_bytes: int = MAX_BYTES) -> str:
+    """Docstrings of every .py file under ``root`` (sorted paths, so the order is fixed)."""
+    root = root or stdlib_root()
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3"}
+    parts: list[str] = []
+    size = 0
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for doc in _docstrings(source):
+            parts.append(doc)
+            size += len(doc) + len(SEPARATOR)
+            if size >= max_bytes:
+                return SEPARATOR.join(parts)
+    return SEPARATOR.join(parts)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dtrain"
+
+
+def default_corpus() -> str:
+    """The stdlib docstring corpus, from the cache when present."""
+    key = hashlib.sha1(f"{sys.version}|{stdlib_root()}|{MAX_BYTES}".encode()).hexdigest()[:12]
+    path = cache_dir() / f"stdlib_docstrings_{key}.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    text = gather_docstrings()
+    if len(text) < 100_000:
+        raise RuntimeError(f"only {len(text)} characters of docstrings found under {stdlib_root()}; set workload.data_path to a text file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return text
