@@ -111,7 +111,6 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start) if rank == 0 else None
     bar = Progress(enabled=cfg.progress and rank == 0, total=cfg.steps, initial=first)
     window = comm.stats.copy()  # counters cover training only (setup collectives excluded)
     saved_comm = CommStats(**state["comm"])
@@ -123,8 +122,12 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
             setattr(total, k, getattr(total, k) + v)
         return total
 
+    log = MetricsLog(out / "metrics.jsonl", resume_step=start) if rank == 0 else None
     if start is None:
         state["initial_eval"] = workload.evaluate(model)[workload.metric]
+        if log is not None:
+            log.write({"step": 0, "wall_s": 0.0, "train_time_s": 0.0, "eval": finite_or_none(state["initial_eval"]),
+                       "metric": workload.metric, "bytes_sent": 0, "bytes_recv": 0})
     consecutive_bad, last_loss, eval_result = 0, float("nan"), None
     wall0 = time.perf_counter() - state["wall_s"]
     recent: list[float] = []
@@ -203,7 +206,11 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
 def _train_step(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, attached: Attached, workload: Any, batch: Any) -> float:
     """One step; a non-finite loss or gradient never reaches the weights (grads dropped, step skipped)."""
     if attached.forward_only:
-        return float(attached.algorithm.step(lambda: workload.loss(model, batch)))
+        value = float(attached.algorithm.step(lambda: workload.loss(model, batch)))
+        # No grads exist, so this is a no-op on the weights; it fires the optimizer's step hooks
+        # (LISA counts steps there) and keeps torch's optimizer-before-scheduler order.
+        optimizer.step()
+        return value
     loss = workload.loss(model, batch)
     value = float(loss.detach())
     ok = math.isfinite(value)

@@ -37,7 +37,8 @@ def test_summary_and_metrics_written(tmp_path, toy):
     assert summary["comm"]["max"]["collectives"] == 3  # 30 steps / H=10
     assert summary["eval"]["value"] < summary["eval"]["initial"]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval" in r] == [10, 20, 30]
+    assert [r["step"] for r in rows if "eval" in r] == [0, 10, 20, 30]
+    assert rows[0]["eval"] == summary["eval"]["initial"]
     assert all({"wall_s", "loss", "lr", "bytes_sent", "bytes_recv"} <= r.keys() for r in rows if "loss" in r)
 
 
