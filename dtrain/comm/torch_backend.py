@@ -159,3 +159,16 @@ def _wait(work: dist.Work, timeout: float | None, what: str, *, peer_timeout: bo
         if peer_timeout and ("timed out" in text or "timeout" in text):
             raise PeerTimeout(f"{what}: no answer within {timeout}s") from e
         raise CommError(f"{what} failed: {str(e).splitlines()[0]}") from e
+
+
+def default_comm() -> Comm:
+    """The process group torchrun started, if one is initialised; otherwise a single local worker.
+
+    For library objects (schedulers, optimizers) that take an optional comm and must work both
+    under torchrun and in a plain single-process loop.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return TorchComm()
+    from dtrain.comm.local import LocalGroup
+
+    return LocalGroup(1).comm(0)

@@ -1,0 +1,155 @@
+"""HDET vs OneCycleLR on char_lm with 4 workers: can auto-LR rescue a max_lr that is 10× off?
+
+Runs side by side, in one invocation, each system as 4 workers (threads, `run_local`) on the same
+data stream:
+- a 5-point sweep of torch's OneCycleLR over max_lr, each point a DDP run (gradients all-reduced
+  every step); its best validation loss is the reference;
+- torch's OneCycleLR + DDP at the sweep's best max_lr × 10 and ÷ 10 (the "wrong" values);
+- HDET (ours) with auto-LR started from those same wrong values: replicas train apart and average
+  every T steps, no per-step communication.
+
+Compute is counted in worker-steps: every run is 4 workers × steps, so one HDET run is a fifth
+of the sweep. Communication is read from the Comm's own counters (bytes and collectives per worker).
+
+    .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full, ~20 min here)
+    .venv/bin/python benchmarks/hdet.py --quick                               (smoke, ~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain.algorithms.ddp import DDP
+from dtrain.algorithms.hdet import HDET
+from dtrain.comm.local import run_local
+from dtrain.optim import param_groups
+from dtrain.workloads.char_lm import Config as CharConfig
+from dtrain.workloads.char_lm import build
+
+WORKERS = 4
+SWEEP = [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
+ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
+
+
+def hdet_settings(steps: int) -> dict[str, Any]:
+    # One setting for both wrong starts (no per-case tuning). Short run: T = steps/30, warm-up 10%.
+    every = max(2, steps // 30)
+    return dict(spread=0.5, converge_every=every, auto_lr_warmup=max(every, steps // 10), auto_lr_beta=0.5,
+                auto_lr_sigma=0.02, auto_lr_gain=1.0, per_group=False)
+
+
+def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int) -> dict[str, Any]:
+    def worker(comm) -> dict[str, Any]:
+        torch.set_num_threads(1)
+        model = workload.build_model()
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=max_lr, betas=(0.9, 0.95), foreach=True)
+        if kind == "onecycle":
+            hook = DDP(opt, comm)
+            sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, **ONECYCLE)
+        else:
+            hook = None
+            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **hdet_settings(steps), seed=seed, comm=comm)
+        start, t0, lrs, nonfinite = comm.stats.copy(), time.perf_counter(), [], 0
+        for step in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            loss = workload.loss(model, workload.train_batch(step, comm.rank, comm.world_size))
+            value = float(loss.detach())
+            if math.isfinite(value):
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            else:
+                nonfinite += 1
+                opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step(value if math.isfinite(value) else None) if kind == "hdet" else sched.step()
+        stats = (comm.stats - start).as_dict()
+        out = {"rank": comm.rank, "train_s": time.perf_counter() - t0, "comm": stats, "nonfinite": nonfinite,
+               "val_loss": workload.evaluate(model)["val_loss"], "lr_trace": lrs[:: max(1, steps // 30)]}
+        if kind == "hdet":
+            out["base_lr"] = [(e["step"], e["base"]["lr"][0]) for e in sched.log]
+        if hook is not None:
+            hook.remove()
+        return out
+
+    results = run_local(WORKERS, worker, timeout=3600)
+    r0 = results[0]
+    return {"kind": kind, "max_lr": max_lr, "steps": steps, "worker_steps": WORKERS * steps,
+            "val_loss": r0["val_loss"], "val_loss_per_worker": [r["val_loss"] for r in results],
+            "bytes_sent_per_worker": max(r["comm"]["bytes_sent"] for r in results),
+            "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
+            "train_s": max(r["train_s"] for r in results), "nonfinite_steps": sum(r["nonfinite"] for r in results),
+            "lr_trace_rank0": r0["lr_trace"], "base_lr": r0.get("base_lr")}
+
+
+def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes: int) -> str:
+    head = f"{'system':<34}{'max_lr':>9}{'val_loss':>10}{'vs best':>9}{'compute':>9}{'MB sent/wkr':>13}{'coll/wkr':>10}{'bytes vs DDP':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        val = r["val_loss"]
+        gap = f"{100 * (val / best - 1):+.1f}%" if math.isfinite(val) else "n/a"
+        compute = f"{r['worker_steps'] / sweep_compute:.2f}"
+        lines.append(f"{r['label']:<34}{r['max_lr']:>9.2e}{val:>10.4f}{gap:>9}{compute:>9}"
+                     f"{r['bytes_sent_per_worker'] / 1e6:>13.2f}{r['collectives_per_worker']:>10}"
+                     f"{r['bytes_sent_per_worker'] / ddp_bytes:>14.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--quick", action="store_true", help="60 steps, a tiny model: checks that it runs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    steps = 60 if args.quick else args.steps
+    wcfg = CharConfig(n_layer=2, d_model=64, n_head=4, seq_len=64, batch_size=16, eval_batches=16, eval_batch_size=32)
+    if args.quick:
+        wcfg.n_layer, wcfg.d_model, wcfg.eval_batches = 1, 32, 4
+    workload = build(wcfg, seed=args.seed)
+    t_start = time.perf_counter()
+
+    def go(label: str, kind: str, lr: float) -> dict[str, Any]:
+        r = run_system(workload, kind=kind, max_lr=lr, steps=steps, seed=args.seed)
+        r["label"] = label
+        print(f"  {label:<34} max_lr {lr:.2e}  val_loss {r['val_loss']:.4f}  ({r['train_s']:.0f}s)", flush=True)
+        return r
+
+    print(f"char_lm (n_layer={wcfg.n_layer}, d_model={wcfg.d_model}), {WORKERS} workers, {steps} steps each", flush=True)
+    sweep = [go(f"OneCycleLR+DDP sweep {i + 1}/5", "onecycle", lr) for i, lr in enumerate(SWEEP)]
+    best = min(sweep, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+    best_lr = best["max_lr"]
+    rows = [dict(best, label="OneCycleLR+DDP best of sweep")]
+    for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
+        rows.append(go(f"OneCycleLR+DDP {name}", "onecycle", best_lr * factor))
+    for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
+        rows.append(go(f"HDET auto-LR from {name}", "hdet", best_lr * factor))
+    sweep_compute = sum(r["worker_steps"] for r in sweep)
+    ddp_bytes = best["bytes_sent_per_worker"]
+    text = table(rows, best["val_loss"], sweep_compute, ddp_bytes)
+    hd = [r for r in rows if r["kind"] == "hdet"]
+    verdict = [f"{r['label']}: {100 * (r['val_loss'] / best['val_loss'] - 1):+.2f}% vs sweep best "
+               f"({'within' if r['val_loss'] <= 1.03 * best['val_loss'] else 'NOT within'} 3%), compute "
+               f"{r['worker_steps'] / sweep_compute:.2f} of the sweep, base lr at the end "
+               f"{(r['base_lr'] or [(0, float('nan'))])[-1][1]:.2e} (sweep best max_lr {best_lr:.2e})" for r in hd]
+    notes = (f"compute = worker-steps / the 5-point sweep's; bytes vs DDP = bytes sent per worker / the DDP run's. "
+             f"HDET: {hdet_settings(steps)}. OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
+             f"{steps} steps, n_layer={wcfg.n_layer}, d_model={wcfg.d_model}. Total {time.perf_counter() - t_start:.0f}s.")
+    print("\n" + text + "\n\n" + "\n".join(verdict) + "\n\n" + notes)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"steps": steps, "workers": WORKERS, "sweep": sweep, "rows": rows,
+                                        "best_sweep_lr": best_lr, "verdict": verdict, "notes": notes,
+                                        "hdet": hdet_settings(steps), "onecycle": ONECYCLE}, indent=1, default=str))
+        args.out.with_suffix(".txt").write_text(text + "\n\n" + "\n".join(verdict) + "\n\n" + notes + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""HDET (arXiv 2604.24708): hyperparameter-divergent replicas with an auto-LR controller.
+
+`HDET` is a drop-in for ``torch.optim.lr_scheduler.OneCycleLR`` (same arguments, same curve when
+exploration is off) that also runs the ensemble:
+
+- fan-out: replica r of N trains alone with multiplier ρ_r = 1 + a·(r − (N−1)/2)/max((N−1)/2, 0.5)
+  on each explored hyperparameter (lr by default); multipliers average 1, lie in [1 − a, 1 + a],
+  and are re-dealt to replicas at every converge step by a permutation drawn from a generator
+  seeded with ``seed + converge index`` (every replica draws the same one, nobody talks);
+- converge: every T steps the parameters found through the optimizer's param_groups are averaged
+  (one all-reduce per dtype; a replica whose tensors went non-finite is left out of the mean and
+  receives it), optionally the optimizer state too;
+- auto-LR: after a warm-up, at each converge step the interval's mean losses L_r are shared (one
+  small all-reduce), s_r = (mean L − L_r)/σ, w = softmax(s), Δ = Σ w_r h_r − mean h_r,
+  v ← b·v + (1 − b)·Δ, h̄ ← h̄·(1 − γ) + λ·v. For the lr, γ decays h̄ towards OneCycle's floor
+  min_lr = max_lr/(div_factor·final_div_factor): γ = 1 − exp(−ln(h̄_w/min_lr)/K), K = (S − S_w)/T,
+  with h̄_w the base lr when the controller starts, so with no loss signal the base lr lands on
+  the floor at the last step and never passes it. (With the paper's ratio div/final_div < 1, γ is
+  negative and the lr grows instead.) After the warm-up the lr is h̄·ρ, held between converges.
+  With one replica or spread 0 the controller has nothing to compare and stays off: the curve is
+  exactly OneCycleLR's.
+
+Between converge steps nothing is communicated (the paper's code all-reduces gradients every step;
+``grad_sync=True`` does that too, for users who want HDET on top of DDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtrain.algorithms.base import AttachContext, Attached
+from dtrain.algorithms.hdet_scheduler import HDET, _check_hdet_args, decay_rate, multipliers, softmax_weights
+
+__all__ = ["HDET", "Config", "HDETRun", "attach", "decay_rate", "multipliers", "softmax_weights", "validate"]
+
+
+# -- `dtrain train` -------------------------------------------------------------------------------
+@dataclass
+class Config:
+    name: str = "hdet"
+    spread: float = 0.5  # a; the paper's 1/9 is for 8 replicas and 1e5-step warm-ups
+    converge_every: int = 25  # T
+    auto_lr: bool = True
+    auto_lr_warmup: int | None = None  # steps; None = 10% of the run
+    auto_lr_beta: float = 0.9
+    auto_lr_sigma: float = 0.02  # σ in loss units (nats): char_lm replicas differ by a few hundredths
+    auto_lr_gain: float = 0.5
+    explore: list[str] = field(default_factory=lambda: ["lr"])
+    per_group: bool = False
+    reshuffle: bool = True
+    average_optimizer_state: bool = False
+    grad_sync: bool = False
+    broadcast_init: bool = True
+    pct_start: float = 0.3
+    anneal_strategy: str = "cos"
+    cycle_momentum: bool = False
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    three_phase: bool = False
+
+
+def validate(cfg: Config) -> None:
+    try:
+        _check_hdet_args(cfg.spread, cfg.converge_every, cfg.auto_lr_warmup, cfg.auto_lr_beta, cfg.auto_lr_sigma, cfg.auto_lr_gain)
+    except ValueError as e:
+        raise ValueError(f"algo.{e}") from None
+    if not 0 <= cfg.pct_start <= 1:
+        raise ValueError(f"algo.pct_start must be in [0, 1], got {cfg.pct_start}")
+    if cfg.anneal_strategy not in ("cos", "linear"):
+        raise ValueError(f"algo.anneal_strategy must be cos or linear, got {cfg.anneal_strategy!r}")
+    if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
+        raise ValueError("algo.div_factor and algo.final_div_factor must be > 0")
+    if not cfg.explore:
+        raise ValueError("algo.explore must list at least one param-group key (e.g. [lr])")
+
+
+class HDETRun:
+    """What `dtrain train` checkpoints and reports beside the scheduler (which holds all state)."""
+
+    def __init__(self, scheduler: HDET) -> None:
+        self.scheduler = scheduler
+
+    @property
+    def skipped_steps(self) -> int:
+        hook = self.scheduler._grad_sync
+        return hook.skipped_steps if hook is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {"converges": s.converges, "multipliers": s.rho, "base_lr": s.base_values("lr") if any(k.name == "lr" for k in s.knobs) else None,
+                "final_lr": [g["lr"] for g in s.optimizer.param_groups]}
+
+
+def attach(cfg: Config, ctx: AttachContext) -> Attached:
+    validate(cfg)
+    scheduler = HDET(
+        ctx.optimizer, ctx.lr, total_steps=ctx.total_steps, pct_start=float(cfg.pct_start),
+        anneal_strategy=cfg.anneal_strategy, cycle_momentum=cfg.cycle_momentum, base_momentum=cfg.base_momentum,
+        max_momentum=cfg.max_momentum, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
+        three_phase=cfg.three_phase, spread=cfg.spread, converge_every=cfg.converge_every, auto_lr=cfg.auto_lr,
+        auto_lr_warmup=cfg.auto_lr_warmup, auto_lr_beta=cfg.auto_lr_beta, auto_lr_sigma=cfg.auto_lr_sigma,
+        auto_lr_gain=cfg.auto_lr_gain, explore=list(cfg.explore), per_group=cfg.per_group, reshuffle=cfg.reshuffle,
+        average_optimizer_state=cfg.average_optimizer_state, grad_sync=cfg.grad_sync,
+        broadcast_init=cfg.broadcast_init, seed=ctx.seed, comm=ctx.comm,
+    )
+    return Attached(algorithm=HDETRun(scheduler), scheduler=scheduler, scheduler_takes_loss=True)

@@ -1,0 +1,415 @@
+"""The HDET scheduler: OneCycleLR's arguments and curve, plus fan-out, converge and auto-LR.
+
+See `dtrain.algorithms.hdet` for the method and its equations."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from dtrain.algorithms.base import optimizer_params
+from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps
+from dtrain.comm.base import Comm
+from dtrain.comm.torch_backend import default_comm
+
+_KNOB = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
+_MOMENTUM_KNOBS = {("momentum", None), ("betas", 0)}
+
+
+def multipliers(world_size: int, spread: float) -> list[float]:
+    """ρ_r for r = 0..N−1: symmetric around 1, in [1 − a, 1 + a]."""
+    half = (world_size - 1) / 2
+    return [1.0 + spread * (r - half) / max(half, 0.5) for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class _Knob:
+    key: str
+    index: int | None  # betas[1] -> ("betas", 1)
+
+    @property
+    def name(self) -> str:
+        return self.key if self.index is None else f"{self.key}[{self.index}]"
+
+    @property
+    def complement(self) -> bool:
+        # Betas and momentum are explored on 1 − β, the scale on which a multiplier makes sense.
+        return self.key in ("betas", "momentum")
+
+    def read(self, group: dict[str, Any]) -> float:
+        value = group[self.key]
+        return float(value if self.index is None else value[self.index])
+
+    def write(self, group: dict[str, Any], value: float) -> None:
+        if self.index is None:
+            group[self.key] = value
+        else:
+            seq = list(group[self.key])
+            seq[self.index] = value
+            group[self.key] = type(group[self.key])(seq)
+
+
+def parse_explore(names: list[str] | tuple[str, ...], optimizer: torch.optim.Optimizer, *, cycle_momentum: bool) -> list[_Knob]:
+    knobs = []
+    for name in names:
+        m = _KNOB.match(name)
+        if not m:
+            raise ValueError(f"explore entry {name!r} must be a param-group key like 'lr', 'weight_decay' or 'betas[1]'")
+        knob = _Knob(m.group(1), None if m.group(2) is None else int(m.group(2)))
+        for group in optimizer.param_groups:
+            try:
+                value = knob.read(group) if knob.key != "lr" else 0.0
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(f"explore entry {name!r} is not a scalar of the optimizer's param groups") from None
+            if not math.isfinite(value):
+                raise ValueError(f"explore entry {name!r} has a non-finite value {value}")
+        if cycle_momentum and (knob.key, knob.index) in _MOMENTUM_KNOBS:
+            raise ValueError(f"explore entry {name!r} is cycled by the schedule; set cycle_momentum=False to explore it")
+        if knob in knobs:
+            raise ValueError(f"explore entry {name!r} is listed twice")
+        knobs.append(knob)
+    return knobs
+
+
+class HDET(LRScheduler):
+    """OneCycleLR with hyperparameter-divergent replicas, periodic averaging and an auto-LR controller.
+
+    ``step(loss)`` feeds the controller (the loss of the batch just trained on); ``step()`` works too.
+    Every replica must call ``step`` the same number of times: converge steps are collectives.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_lr: float | list[float],
+        total_steps: int | None = None,
+        epochs: int | None = None,
+        steps_per_epoch: int | None = None,
+        pct_start: float = 0.3,
+        anneal_strategy: str = "cos",
+        cycle_momentum: bool = True,
+        base_momentum: float | list[float] = 0.85,
+        max_momentum: float | list[float] = 0.95,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+        three_phase: bool = False,
+        last_epoch: int = -1,
+        *,
+        spread: float = 1 / 9,
+        converge_every: int = 1000,
+        auto_lr: bool = True,
+        auto_lr_warmup: int | None = None,
+        auto_lr_beta: float = 0.9,
+        auto_lr_sigma: float = 0.1,
+        auto_lr_gain: float = 0.5,
+        explore: list[str] | tuple[str, ...] = ("lr",),
+        per_group: bool = True,
+        reshuffle: bool = True,
+        average_optimizer_state: bool = False,
+        grad_sync: bool = False,
+        broadcast_init: bool = True,
+        seed: int = 0,
+        comm: Comm | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        self.optimizer = optimizer
+        self.total_steps = resolve_total_steps(total_steps, epochs, steps_per_epoch)
+        self._phases = build_phases(self.total_steps, pct_start, three_phase)
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
+        self._anneal = anneal_strategy
+        _check_hdet_args(spread, converge_every, auto_lr_warmup, auto_lr_beta, auto_lr_sigma, auto_lr_gain)
+        self.cycle_momentum = cycle_momentum
+        self.knobs = parse_explore(list(explore), optimizer, cycle_momentum=cycle_momentum)
+        self.comm = comm if comm is not None else default_comm()
+        self.replicas, self.rank = self.comm.world_size, self.comm.rank
+        self.spread, self.converge_every = float(spread), int(converge_every)
+        # With one replica or no spread there is nothing to compare: the curve stays OneCycle's.
+        self.auto_lr = auto_lr and self.comm.world_size > 1 and spread > 0
+        self.auto_lr_warmup = int(0.1 * self.total_steps) if auto_lr_warmup is None else int(auto_lr_warmup)
+        self.beta, self.sigma, self.gain = float(auto_lr_beta), float(auto_lr_sigma), float(auto_lr_gain)
+        self.per_group, self.reshuffle = per_group, reshuffle
+        self.average_optimizer_state = average_optimizer_state
+        self.seed = int(seed)
+        self.rho = multipliers(self.replicas, self.spread)
+
+        groups = optimizer.param_groups
+        max_lrs = _per_group("max_lr", max_lr, groups)
+        if last_epoch == -1:
+            for group, peak in zip(groups, max_lrs):
+                group["initial_lr"] = peak / div_factor
+                group["max_lr"] = peak
+                group["min_lr"] = group["initial_lr"] / final_div_factor
+        if cycle_momentum:
+            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+            self.use_beta1 = "betas" in optimizer.defaults
+            if last_epoch == -1:
+                tops = _per_group("max_momentum", max_momentum, groups)
+                bottoms = _per_group("base_momentum", base_momentum, groups)
+                for group, top, bottom in zip(groups, tops, bottoms):
+                    if self.use_beta1:
+                        group["betas"] = (top, *group["betas"][1:])
+                    else:
+                        group["momentum"] = top
+                    group["max_momentum"] = top
+                    group["base_momentum"] = bottom
+
+        # Controller state, one entry per (explored key, param group); values on the explore scale.
+        n_knobs, n_groups = len(self.knobs), len(groups)
+        self._raw = [[k.read(g) if k.key != "lr" else 0.0 for g in groups] for k in self.knobs]
+        self._start = [[self._to_scale(k, v) for v in row] for k, row in zip(self.knobs, self._raw)]
+        self._base: list[list[float | None]] = [[None] * n_groups for _ in range(n_knobs)]
+        self._velocity = [[0.0] * n_groups for _ in range(n_knobs)]
+        self._gamma = [[0.0] * n_groups for _ in range(n_knobs)]
+        self.converges = 0
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.log: list[dict[str, Any]] = []  # one entry per converge step after the warm-up
+        self._perms = self._draw_permutations(0)
+
+        self._grad_sync = None
+        if grad_sync and self.replicas > 1:
+            from dtrain.algorithms.ddp import DDP
+
+            self._grad_sync = DDP(optimizer, self.comm, broadcast_init=False)
+        if broadcast_init and self.replicas > 1 and last_epoch == -1:
+            with torch.no_grad():
+                for tensors in _by_dtype(optimizer_params(optimizer)):
+                    self.comm.broadcast(tensors, src=0)
+        super().__init__(optimizer, last_epoch)
+
+    # -- the schedule ----------------------------------------------------------------------------
+    def step(self, loss: float | torch.Tensor | None = None) -> None:  # type: ignore[override]
+        """Advance one optimizer step; ``loss`` (optional) is the loss of the step just taken."""
+        if loss is not None:
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            if math.isfinite(value):
+                self._loss_sum += value
+                self._loss_count += 1
+        if self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
+            self.converge()
+        super().step()
+
+    def get_lr(self) -> list[float]:
+        step = self.last_epoch
+        if step > self.total_steps:
+            raise ValueError(f"Tried to step {step} times. The specified number of total steps is {self.total_steps}")
+        lrs = []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            lr, mom = curve_point(step, self._phases, self._anneal, group, momentum=self.cycle_momentum)
+            if self.cycle_momentum:
+                if self.use_beta1:
+                    group["betas"] = (mom, *group["betas"][1:])
+                else:
+                    group["momentum"] = mom
+            for ki, knob in enumerate(self.knobs):
+                if knob.key == "lr":
+                    lr = self._explored(ki, gi, lr)
+                else:
+                    knob.write(group, self._explored(ki, gi, knob.read(group)))
+            lrs.append(lr)
+        return lrs
+
+    def _explored(self, ki: int, gi: int, schedule_value: float) -> float:
+        """This replica's value: (controller base, or the schedule's / initial value) × its multiplier."""
+        knob, base = self.knobs[ki], self._base[ki][gi]
+        rho = self.rho[self._perms[self._perm_key(ki, gi)][self.rank]]
+        if base is None:
+            if rho == 1.0:
+                return schedule_value if knob.key == "lr" else self._raw[ki][gi]
+            base = schedule_value if knob.key == "lr" else self._start[ki][gi]
+        return self._from_scale(knob, base * rho)
+
+    # -- converge ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def converge(self) -> None:
+        """Average the replicas; after the warm-up, update the controller; re-deal the multipliers."""
+        done = self.last_epoch + 1
+        if self.replicas > 1:
+            for tensors in _by_dtype(optimizer_params(self.optimizer)):
+                self._average(tensors)
+            if self.average_optimizer_state:
+                for tensors in _by_dtype(self._state_tensors()):
+                    self._average(tensors)
+        if self.auto_lr and done >= self.auto_lr_warmup:
+            self._update_controller(self._share_losses(), done)
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.converges += 1
+        self._perms = self._draw_permutations(self.converges)
+
+    def _average(self, tensors: list[torch.Tensor]) -> None:
+        """Mean over the replicas whose tensors are finite (one all-reduce; a count rides along).
+
+        A replica that diverged contributes nothing and receives the others' mean, so NaN/Inf never
+        spreads through the average.
+        """
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        count = torch.ones(1, dtype=tensors[0].dtype, device=tensors[0].device)
+        if not finite:
+            for t in tensors:
+                t.zero_()
+            count.zero_()
+        self.comm.all_reduce([*tensors, count], op="sum")
+        if count.item() > 0:
+            for t in tensors:
+                t.div_(count)
+
+    def _share_losses(self) -> list[float | None]:
+        """Every replica's mean loss over the interval (None: no finite loss fed), one all-reduce."""
+        buf = torch.zeros(2 * self.replicas, dtype=torch.float64)
+        if self._loss_count:
+            buf[self.rank] = self._loss_sum / self._loss_count
+            buf[self.replicas + self.rank] = 1.0
+        if self.replicas > 1:
+            self.comm.all_reduce([buf], op="sum")
+        return [float(buf[r]) if buf[self.replicas + r] > 0 else None for r in range(self.replicas)]
+
+    def _update_controller(self, losses: list[float | None], done: int) -> None:
+        weights = softmax_weights(losses, self.sigma)
+        for ki, knob in enumerate(self.knobs):
+            for gi, group in enumerate(self.optimizer.param_groups):
+                perm = self._perms[self._perm_key(ki, gi)]
+                if self._base[ki][gi] is None:  # the controller takes over from the schedule here
+                    if knob.key == "lr":
+                        start = curve_point(min(done, self.total_steps), self._phases, self._anneal, group, momentum=False)[0]
+                        self._gamma[ki][gi] = decay_rate(start, group["min_lr"], (self.total_steps - done) / self.converge_every)
+                    else:
+                        start = self._start[ki][gi]
+                    self._base[ki][gi] = start
+                base = float(self._base[ki][gi])  # type: ignore[arg-type]
+                used = [base * self.rho[perm[r]] for r in range(self.replicas)]
+                delta = sum(w * h for w, h in zip(weights, used)) - sum(used) / self.replicas if weights else 0.0
+                v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta
+                new = base * (1 - self._gamma[ki][gi]) + self.gain * v
+                lo = group["min_lr"] if knob.key == "lr" else (1e-6 if knob.complement else 0.0)
+                hi = 1.0 if knob.complement else math.inf
+                self._velocity[ki][gi] = v
+                self._base[ki][gi] = min(max(new, lo), hi) if math.isfinite(new) else base
+        self.log.append({"step": done, "losses": losses, "weights": weights,
+                         "base": {self.knobs[ki].name: list(row) for ki, row in enumerate(self._base)}})
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        out = []
+        for p in optimizer_params(self.optimizer):
+            for key, value in sorted(self.optimizer.state.get(p, {}).items()):
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                    out.append(value)
+        return out
+
+    # -- multipliers ---------------------------------------------------------------------------
+    def _perm_key(self, ki: int, gi: int) -> tuple[int, int]:
+        return (ki, gi if self.per_group else 0)
+
+    def _draw_permutations(self, converge_index: int) -> dict[tuple[int, int], list[int]]:
+        """Same on every replica: a private generator seeded by seed + converge index."""
+        n_groups = len(self.optimizer.param_groups) if self.per_group else 1
+        keys = [(ki, gi) for ki in range(len(self.knobs)) for gi in range(n_groups)]
+        if not self.reshuffle or converge_index == 0:
+            return {k: list(range(self.replicas)) for k in keys}
+        gen = torch.Generator().manual_seed(self.seed + converge_index)
+        return {k: torch.randperm(self.replicas, generator=gen).tolist() for k in keys}
+
+    def multiplier(self, name: str = "lr", group: int = 0) -> float:
+        """This replica's current multiplier of explored hyperparameter ``name`` in ``group``."""
+        ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
+        return self.rho[self._perms[self._perm_key(ki, group)][self.rank]]
+
+    def base_values(self, name: str = "lr") -> list[float | None]:
+        """The controller's base value per param group (None before the controller starts)."""
+        ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
+        return [None if b is None else self._from_scale(self.knobs[ki], b) for b in self._base[ki]]
+
+    @staticmethod
+    def _to_scale(knob: _Knob, value: float) -> float:
+        return 1.0 - value if knob.complement else value
+
+    @staticmethod
+    def _from_scale(knob: _Knob, value: float) -> float:
+        return 1.0 - value if knob.complement else value
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    _STATE = ("last_epoch", "_step_count", "_last_lr", "base_lrs", "total_steps", "converges", "_base",
+              "_velocity", "_gamma", "_start", "_raw", "_loss_sum", "_loss_count", "log", "replicas", "spread", "seed")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: _plain(getattr(self, key)) for key in self._STATE}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict["replicas"]) != self.replicas:
+            raise ValueError(f"HDET checkpoint was written by {state_dict['replicas']} replicas, this run has {self.replicas}; resume with the same number of workers")
+        for key in self._STATE:
+            setattr(self, key, _plain(state_dict[key]))
+        self.rho = multipliers(self.replicas, self.spread)
+        self._perms = self._draw_permutations(self.converges)
+
+    def remove(self) -> None:
+        """Stop the per-step gradient sync hook (if any)."""
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+
+
+def softmax_weights(losses: list[float | None], sigma: float) -> list[float]:
+    """w = softmax((mean L − L_r)/σ) over replicas that reported a loss (others weigh 0); [] if < 2."""
+    valid = [x for x in losses if x is not None]
+    if len(valid) < 2:
+        return []
+    mean = sum(valid) / len(valid)
+    scores = [(mean - x) / sigma if x is not None else -math.inf for x in losses]
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def decay_rate(start: float, floor: float, intervals: float) -> float:
+    """γ with (1 − γ)^K = floor/start: decays ``start`` onto ``floor`` in K converge steps (0 if at floor)."""
+    if not (start > floor > 0) or intervals <= 0:
+        return 0.0
+    return 1.0 - math.exp(-math.log(start / floor) / max(intervals, 1.0))
+
+
+def _check_hdet_args(spread: float, every: int, warmup: int | None, beta: float, sigma: float, gain: float) -> None:
+    if not 0 <= spread < 1:
+        raise ValueError(f"spread must be in [0, 1) so every multiplier stays positive, got {spread}")
+    if int(every) != every or every < 1:
+        raise ValueError(f"converge_every must be an integer >= 1, got {every}")
+    if warmup is not None and warmup < 0:
+        raise ValueError(f"auto_lr_warmup must be >= 0, got {warmup}")
+    if not 0 <= beta < 1:
+        raise ValueError(f"auto_lr_beta must be in [0, 1), got {beta}")
+    if sigma <= 0:
+        raise ValueError(f"auto_lr_sigma must be > 0, got {sigma}")
+    if gain < 0:
+        raise ValueError(f"auto_lr_gain must be >= 0, got {gain}")
+
+
+def _per_group(name: str, value: Any, groups: list[dict[str, Any]]) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(f"{name} must have the same length as optimizer.param_groups. "
+                             f"{name} has {len(value)} values, param_groups has {len(groups)}.")
+        return list(value)
+    return [value] * len(groups)
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """One all-reduce per dtype (Comm fuses a call into one buffer of a single dtype)."""
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.dtype, []).append(t)
+    return list(out.values())
+
+
+def _plain(value: Any) -> Any:
+    """Copies of lists/dicts so a saved state never aliases the live one."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

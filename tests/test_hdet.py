@@ -1,0 +1,369 @@
+"""HDET: the OneCycle curve, the fan-out, the converge step, the auto-LR controller, resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dtrain.algorithms.hdet import HDET, decay_rate, multipliers
+from dtrain.comm.local import run_local
+from dtrain.config import ConfigError, load
+from dist_utils import REPO
+
+
+def _opt(kind: str, groups: int = 1) -> torch.optim.Optimizer:
+    params = [{"params": [nn.Parameter(torch.zeros(3))]} for _ in range(groups)]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    return torch.optim.AdamW(params, lr=0.1, betas=(0.9, 0.99), weight_decay=0.01)
+
+
+def _momenta(opt: torch.optim.Optimizer) -> list[float]:
+    return [g["betas"][0] if "betas" in g else g["momentum"] for g in opt.param_groups]
+
+
+ONECYCLE_GRID = [
+    ("sgd", 1, dict(max_lr=0.1, total_steps=100)),
+    ("adamw", 1, dict(max_lr=0.03, total_steps=97, anneal_strategy="linear")),
+    ("sgd", 1, dict(max_lr=0.1, total_steps=100, three_phase=True)),
+    ("adamw", 1, dict(max_lr=0.01, total_steps=64, three_phase=True, anneal_strategy="linear", pct_start=0.4)),
+    ("adamw", 1, dict(max_lr=0.02, epochs=3, steps_per_epoch=17, pct_start=0.25)),
+    ("sgd", 3, dict(max_lr=[0.1, 0.01, 0.5], total_steps=50, div_factor=10.0, final_div_factor=100.0,
+                    base_momentum=[0.8, 0.85, 0.7], max_momentum=[0.9, 0.95, 0.99])),
+    ("adamw", 2, dict(max_lr=[0.004, 0.001], total_steps=40, cycle_momentum=False)),
+]
+
+
+def _compare_with_torch(kind: str, groups: int, kwargs: dict, **hdet_kwargs) -> None:
+    ref_opt, our_opt = _opt(kind, groups), _opt(kind, groups)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, **kwargs)
+    ours = HDET(our_opt, **kwargs, **hdet_kwargs)
+    total = kwargs.get("total_steps") or kwargs["epochs"] * kwargs["steps_per_epoch"]
+    for step in range(total + 1):
+        assert [g["lr"] for g in our_opt.param_groups] == [g["lr"] for g in ref_opt.param_groups], step
+        assert _momenta(our_opt) == _momenta(ref_opt), step
+        assert ours.get_last_lr() == ref.get_last_lr()
+        if step < total:
+            ref_opt.step(), our_opt.step()
+            ref.step(), ours.step(1.0)
+    with pytest.raises(ValueError, match="Tried to step"):  # past the end: torch's error too
+        ours.step()
+
+
+@pytest.mark.parametrize("kind,groups,kwargs", ONECYCLE_GRID)
+def test_one_replica_equals_onecycle_exactly(kind, groups, kwargs):
+    _compare_with_torch(kind, groups, kwargs, converge_every=7)  # defaults: spread 1/9, auto-LR on
+
+
+def test_positional_arguments_match_onecycle():
+    ours = HDET(_opt("sgd"), 0.1, 20, None, None, 0.25, "linear", True, 0.8, 0.9, 5.0, 50.0, True)
+    ref_opt = _opt("sgd")
+    torch.optim.lr_scheduler.OneCycleLR(ref_opt, 0.1, 20, None, None, 0.25, "linear", True, 0.8, 0.9, 5.0, 50.0, True)
+    assert ours.optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    assert ours.optimizer.param_groups[0]["min_lr"] == ref_opt.param_groups[0]["min_lr"]
+
+
+def test_four_replicas_without_spread_or_auto_lr_equal_onecycle():
+    def worker(comm):
+        _compare_with_torch("adamw", 2, dict(max_lr=[0.01, 0.002], total_steps=30, three_phase=True),
+                            spread=0.0, auto_lr=False, converge_every=5, comm=comm)
+        return True
+
+    assert all(run_local(4, worker))
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+@pytest.mark.parametrize("a", [0.0, 1 / 9, 0.5, 0.9])
+def test_multipliers_average_one_and_stay_in_range(n, a):
+    rho = multipliers(n, a)
+    assert math.isclose(sum(rho) / n, 1.0, abs_tol=1e-12)
+    assert all(1 - a - 1e-12 <= x <= 1 + a + 1e-12 for x in rho)
+    if n > 1:
+        assert math.isclose(min(rho), 1 - a) and math.isclose(max(rho), 1 + a)
+
+
+def test_spread_is_applied_and_reshuffled_from_a_shared_seed():
+    """The paper's code applied the spread only when world sizes differed: here each replica's lr is ρ × OneCycle."""
+    n, a, total, every = 4, 0.3, 40, 5
+    rho = multipliers(n, a)
+
+    def worker(comm):
+        opt = _opt("sgd")
+        ref_opt = _opt("sgd")
+        ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=total)
+        sched = HDET(opt, max_lr=0.1, total_steps=total, spread=a, converge_every=every, auto_lr=False, comm=comm, seed=3)
+        seen = []
+        for _ in range(total):
+            ratio = opt.param_groups[0]["lr"] / ref_opt.param_groups[0]["lr"]
+            seen.append(ratio)
+            assert math.isclose(ratio, sched.multiplier("lr"), rel_tol=1e-12)
+            opt.step(), ref_opt.step()
+            sched.step(), ref.step()
+        return seen
+
+    per_replica = run_local(n, worker)
+    for step in range(total):
+        got = sorted(r[step] for r in per_replica)
+        assert all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(got, rho)), step  # a permutation of ρ
+    assignments = {tuple(round(r[s], 9) for r in per_replica) for s in range(0, total, every)}
+    assert len(assignments) > 2  # re-dealt at converge steps
+
+
+def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(8, 4, generator=gen)
+    return x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(8, generator=gen)
+
+
+def _model() -> nn.Module:
+    model = nn.Linear(4, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.1)
+        model.bias.zero_()
+    return model
+
+
+def _train_step(model, opt, sched, rank, step) -> float:
+    """One step; returns the lr the step used."""
+    x, y = _data(rank, step)
+    lr = opt.param_groups[0]["lr"]
+    loss = ((model(x).squeeze(-1) - y) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step(loss)
+    return lr
+
+
+@pytest.mark.parametrize("auto_lr", [False, True])
+def test_converge_makes_replicas_identical_even_with_auto_lr_off(auto_lr):
+    """The paper's code never averaged with auto-LR off; here every T steps all replicas hold the mean."""
+    every = 4
+
+    def worker(comm):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        sched = HDET(opt, max_lr=0.05, total_steps=12, spread=0.5, converge_every=every, auto_lr=auto_lr,
+                     auto_lr_warmup=0, average_optimizer_state=True, comm=comm)
+        snapshots = []
+        for step in range(12):
+            x, y = _data(comm.rank, step)
+            loss = ((model(x).squeeze(-1) - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            before = [p.detach().clone() for p in model.parameters()]
+            sched.step(loss)
+            state = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+            snapshots.append((before, [p.detach().clone() for p in model.parameters()], state))
+        return snapshots
+
+    runs = run_local(3, worker)
+    for step in range(12):
+        after = [r[step][1] for r in runs]
+        if (step + 1) % every == 0:
+            mean = [sum(r[step][0][i] for r in runs) / 3 for i in range(2)]
+            for replica in after:
+                assert all(torch.equal(a, b) for a, b in zip(replica, after[0]))
+                assert all(torch.allclose(a, m, atol=1e-7) for a, m in zip(replica, mean))
+            states = [r[step][2] for r in runs]
+            assert all(torch.equal(a, b) for s in states for a, b in zip(s, states[0]))
+        else:
+            assert not all(torch.equal(a, b) for a, b in zip(after[1], after[0]))  # replicas train apart
+
+
+def test_a_diverged_replica_is_left_out_of_the_average():
+    def worker(comm):
+        p = nn.Parameter(torch.full((3,), float(comm.rank)))
+        opt = torch.optim.SGD([p], lr=0.1)
+        sched = HDET(opt, max_lr=0.1, total_steps=4, converge_every=2, broadcast_init=False, comm=comm)
+        if comm.rank == 2:
+            with torch.no_grad():
+                p[1] = float("nan")
+        opt.step(), sched.step()
+        opt.step(), sched.step()  # converge
+        return p.detach().clone()
+
+    for got in run_local(3, worker):
+        assert torch.equal(got, torch.full((3,), 0.5))  # mean of replicas 0 and 1
+
+
+def _controller_run(loss_of_multiplier, *, total=100, every=5, warmup=50, n=4):
+    """Base lr after each converge when every replica reports loss_of_multiplier(its multiplier)."""
+
+    def worker(comm):
+        opt = _opt("sgd")
+        sched = HDET(opt, max_lr=0.1, total_steps=total, spread=0.5, converge_every=every, auto_lr_warmup=warmup,
+                     auto_lr_beta=0.5, auto_lr_sigma=0.05, auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1)
+        bases = []
+        for step in range(total):
+            opt.step()
+            sched.step(loss_of_multiplier(sched.multiplier("lr")))
+            if (step + 1) % every == 0 and step + 1 >= warmup:
+                bases.append(sched.base_values("lr")[0])
+                assert math.isclose(opt.param_groups[0]["lr"], bases[-1] * sched.multiplier("lr"), rel_tol=1e-12) or step + 1 == total
+        return bases, opt.param_groups[0]["min_lr"], sched
+
+    return run_local(n, worker)
+
+
+def test_auto_lr_moves_base_towards_the_lower_loss_multipliers():
+    neutral = _controller_run(lambda rho: 1.0)[0][0]
+    high_wins = _controller_run(lambda rho: 1.0 - 0.1 * rho)[0][0]
+    low_wins = _controller_run(lambda rho: 1.0 + 0.1 * rho)[0][0]
+    for k in range(3):  # first converge steps, before the floor clamps anything
+        assert high_wins[k] > neutral[k] > low_wins[k], k
+    # With a consistent winner the base keeps moving that way relative to the no-signal path.
+    assert high_wins[2] / neutral[2] > high_wins[0] / neutral[0] > 1 > low_wins[0] / neutral[0] > low_wins[2] / neutral[2]
+
+
+def test_decay_goes_towards_the_onecycle_floor():
+    """γ has the right sign: with no loss signal the base lr shrinks geometrically onto min_lr, never past it."""
+    total, every, warmup = 100, 5, 50
+    results = _controller_run(lambda rho: 1.0, total=total, every=every, warmup=warmup)
+    bases, floor, sched = results[0]
+    assert all(r[0] == bases for r in results)  # every replica computes the same controller
+    ref_opt = _opt("sgd")
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=total, cycle_momentum=False)
+    ref_lrs = []
+    for _ in range(total):
+        ref_lrs.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step(), ref.step()
+    # The floor: OneCycle's lr at its last step, max_lr / (div_factor · final_div_factor).
+    assert math.isclose(floor, 0.1 / (25.0 * 1e4), rel_tol=1e-12) and math.isclose(ref_lrs[total - 1], floor, rel_tol=1e-9)
+    start, k_total = ref_lrs[warmup], (total - warmup) / every  # the controller takes over from the curve
+    for k, base in enumerate(bases[:-1]):
+        assert math.isclose(base, start * (floor / start) ** ((k + 1) / k_total), rel_tol=1e-9), k
+    gaps = [b - floor for b in bases]
+    assert all(g2 < g1 for g1, g2 in zip(gaps, gaps[1:-1]))  # strictly towards the floor
+    assert min(bases) >= floor and math.isclose(bases[-2], floor, rel_tol=1e-9)  # on it at the last interval
+    # The paper's code used ln(div_factor / final_div_factor) < 0: a negative γ that grows the lr.
+    assert decay_rate(start, floor, k_total) > 0 > 1 - math.exp(-math.log(25.0 / 1e4) / k_total)
+
+
+def test_constructor_and_converges_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+
+    def worker(comm):
+        opt = _opt("adamw")
+        sched = HDET(opt, max_lr=0.01, total_steps=30, spread=0.5, converge_every=3, auto_lr_warmup=0, comm=comm)
+        for _ in range(30):
+            opt.step()
+            sched.step(float(comm.rank))
+        return sched.converges
+
+    assert run_local(4, worker) == [10] * 4
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_state_dict_resume_is_exact():
+    total, cut = 30, 17
+
+    def build(comm):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        sched = HDET(opt, max_lr=0.05, total_steps=total, spread=0.5, converge_every=5, auto_lr_warmup=5,
+                     auto_lr_sigma=0.5, comm=comm, seed=7)
+        return model, opt, sched
+
+    def straight(comm):
+        model, opt, sched = build(comm)
+        lrs = [_train_step(model, opt, sched, comm.rank, s) for s in range(total)]
+        return lrs, [p.detach().clone() for p in model.parameters()], sched.base_values("lr")
+
+    def resumed(comm):
+        model, opt, sched = build(comm)
+        lrs = [_train_step(model, opt, sched, comm.rank, s) for s in range(cut)]
+        blob = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, blob)
+        blob.seek(0)
+        saved = torch.load(blob, weights_only=True)
+        model, opt, sched = build(comm)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        lrs += [_train_step(model, opt, sched, comm.rank, s) for s in range(cut, total)]
+        return lrs, [p.detach().clone() for p in model.parameters()], sched.base_values("lr")
+
+    for a, b in zip(run_local(2, straight), run_local(2, resumed)):
+        assert a[0] == b[0]
+        assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+        assert a[2] == b[2] and a[2][0] is not None
+
+
+def test_grad_sync_keeps_replicas_identical_every_step():
+    def worker(comm):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = HDET(opt, max_lr=0.05, total_steps=10, spread=0.0, converge_every=1000, grad_sync=True, comm=comm)
+        out = []
+        for step in range(10):
+            _train_step(model, opt, sched, comm.rank, step)
+            out.append([p.detach().clone() for p in model.parameters()])
+        return out, comm.stats.collectives
+
+    (a, ca), (b, cb) = run_local(2, worker)
+    assert all(torch.equal(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb))
+    assert ca == cb == 1 + 10  # the initial broadcast, then one gradient all-reduce per step
+
+
+def test_explores_other_hyperparameters():
+    def worker(comm):
+        opt = _opt("adamw")
+        sched = HDET(opt, max_lr=0.01, total_steps=20, spread=0.5, converge_every=5, explore=["lr", "weight_decay", "betas[1]"],
+                     auto_lr_warmup=5, comm=comm, seed=2)
+        g = opt.param_groups[0]
+        assert math.isclose(g["weight_decay"], 0.01 * sched.multiplier("weight_decay"))
+        assert math.isclose(1 - g["betas"][1], 0.01 * sched.multiplier("betas[1]"))
+        for _ in range(20):
+            opt.step()
+            sched.step(1.0 + 0.1 * sched.multiplier("weight_decay"))  # low weight decay wins
+        return sched.base_values("weight_decay")[0], g["betas"][1]
+
+    for wd, beta2 in run_local(2, worker):
+        assert wd < 0.01 and 0 < beta2 < 1
+
+
+def test_bad_arguments_name_what_to_change():
+    with pytest.raises(ValueError, match="spread"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, spread=1.5)
+    with pytest.raises(ValueError, match="explore entry 'dropout'"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, explore=["dropout"])
+    with pytest.raises(ValueError, match="cycle_momentum"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, explore=["momentum"])
+    with pytest.raises(ValueError, match="total_steps"):
+        HDET(_opt("sgd"), max_lr=0.1)
+    with pytest.raises(ConfigError, match="algo.spread"):
+        load(REPO / "configs/hdet.yaml", ["algo.spread=1.5"])
+    with pytest.raises(ConfigError, match="algo.converge_every"):
+        load(REPO / "configs/hdet.yaml", ["algo.converge_every=0"])
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_gloo_replicas_identical_after_converge_and_comm_counted(tmp_path):
+    """Real processes: `dtrain train` under torchrun/gloo; the last step is a converge step."""
+    from dist_utils import train
+
+    from dtrain.comm.base import ring_allreduce_bytes
+    from dtrain.workloads.char_lm import GPT
+
+    tiny = ["workload.n_layer=1", "workload.d_model=32", "workload.eval_batches=2", "threads=1"]
+    summary = train(2, "configs/hdet.yaml", tmp_path / "run", "steps=40", "eval_every=40", "ckpt_every=0",
+                    "algo.converge_every=10", "algo.auto_lr_warmup=10", *tiny)
+    workers = summary["workers"]
+    assert len(workers) == 2
+    assert workers[0]["eval"]["val_loss"] == workers[1]["eval"]["val_loss"]  # identical parameters
+    assert workers[0]["algorithm"]["converges"] == 4
+    assert workers[0]["algorithm"]["base_lr"] == workers[1]["algorithm"]["base_lr"]
+    lrs = sorted(w["algorithm"]["final_lr"][0] for w in workers)
+    assert lrs[0] < lrs[1]  # the replicas still train at different lrs
+    n_params = sum(p.numel() for p in GPT(vocab=256, seq_len=64, n_layer=1, n_head=4, d_model=32).parameters())
+    expected = 4 * ring_allreduce_bytes(4 * (n_params + 1), 2) + 4 * ring_allreduce_bytes(8 * 2 * 2, 2)
+    for w in workers:  # per converge: one parameter all-reduce (+1 count), one 32-byte loss all-reduce; nothing else
+        assert w["comm"]["collectives"] == 8
+        assert w["comm"]["bytes_sent"] == expected
