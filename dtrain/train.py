@@ -190,6 +190,7 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
         "initial_eval": finite_or_none(state.get("initial_eval")), "resumed_from": start,
         "skipped_steps": getattr(algo, "skipped_steps", 0), "peak_mem_bytes": peak_mem_bytes(),
         "comm": comm_now().as_dict(), "algorithm": getattr(algo, "report", dict)(),
+        "lisa": lisa.report() if lisa is not None else None,
     }
     if log is not None:
         log.close()
