@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,8 +107,6 @@ class TorchComm(Comm):
     def _exchange(self, flat: torch.Tensor, peer: int, tag: int) -> Callable[[float | None], torch.Tensor]:
         if not 0 <= peer < self.world_size:
             raise ValueError(f"peer must be in [0, {self.world_size}), got {peer}")
-        import threading  # local: this fix is confined to _exchange
-
         send = self._to_device(flat)
         recv = torch.empty_like(send)
         gpeer = self._global(peer)
