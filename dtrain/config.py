@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd | nadamw | prodigy | ... (see dtrain.optim.OPTIMIZERS)
     preset: str = ""  # a named hyperparameter point of the optimizer (e.g. algoperf)
-    lr: float = 3e-3
+    lr: float | None = None  # None: the optimizer's own default (3e-3 for adamw and sgd)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     momentum: float = 0.9  # sgd only
@@ -156,7 +156,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.max_nonfinite < 1:
         raise ConfigError(f"max_nonfinite must be >= 1, got {cfg.max_nonfinite}")
     o = cfg.optim
-    if o.lr <= 0:
+    if o.lr is not None and o.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
     if o.weight_decay < 0:
         raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")

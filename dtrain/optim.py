@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
+DEFAULT_LR = 3e-3  # adamw and sgd when optim.lr is not set
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -21,18 +22,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    lr = DEFAULT_LR if cfg.lr is None else cfg.lr
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=True)
     import optimizers  # the learning-rate-free package, optional at import time of dtrain
 
     names = tuple(TORCH_OPTIMIZERS) + tuple(getattr(optimizers, "OPTIMIZERS", ()))
     if cfg.name not in names:
         raise ValueError(f"optim.name={cfg.name!r} is not known; choose one of {sorted(names)}")
-    hyper: dict[str, Any] = {}
-    if not cfg.preset:
-        hyper = {"lr": cfg.lr}
+    # Learning-rate-free methods keep their own default lr (1.0 for most) unless one is given.
+    hyper: dict[str, Any] = {} if cfg.lr is None else {"lr": cfg.lr}
     return optimizers.create(cfg.name, groups, preset=cfg.preset, **hyper)
 
 

@@ -56,7 +56,7 @@ def _build(cfg: DictConfig, comm: Comm) -> tuple[Any, torch.nn.Module, torch.opt
     optimizer = build_optimizer(cfg.optim, model)
     ctx = AttachContext(
         model=model, optimizer=optimizer, comm=comm, seed=cfg.seed, total_steps=cfg.steps,
-        lr=cfg.optim.lr, workload=workload, loss_fn=workload.loss,
+        lr=optimizer.param_groups[0]["lr"], workload=workload, loss_fn=workload.loss,
     )
     lisa = None
     if cfg.lisa.enabled:

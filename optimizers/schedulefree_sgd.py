@@ -1,0 +1,83 @@
+"""Schedule-Free SGD (Defazio et al., 2024): no LR schedule needed, matches schedulefree 1.4.1.
+
+Differences that are not numerical: p.grad is never modified (the reference
+adds weight decay to it in place); the optimizer starts in train mode; work
+runs in cache-sized buckets on CPU.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._common import ParamsT, Scratch, buckets, by_device_dtype, check_range, fresh
+from ._schedulefree import ScheduleFreeBase
+
+
+class ScheduleFreeSGD(ScheduleFreeBase):
+    """Schedule-Free SGD. Call ``optimizer.train()`` / ``optimizer.eval()`` with the model's.
+
+    ``momentum`` is the interpolation constant between z and x (0.9 is the
+    published default); ``weight_decay`` is an L2 penalty taken at y.
+    """
+
+    _beta_key = "momentum"
+
+    def __init__(self, params: ParamsT, *, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
+                 foreach: bool = True) -> None:
+        name = type(self).__name__
+        check_range(name, "lr", lr, 0.0)
+        check_range(name, "momentum", momentum, 0.0, 1.0, lo_open=True)
+        check_range(name, "weight_decay", weight_decay, 0.0)
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"{name}: invalid warmup_steps={warmup_steps!r}; use an integer >= 0")
+        check_range(name, "r", r, 0.0)
+        check_range(name, "weight_lr_power", weight_lr_power, 0.0)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                        r=r, weight_lr_power=weight_lr_power, foreach=foreach, k=0, train_mode=True,
+                        weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
+        super().__init__(params, defaults)
+        self._scratch = Scratch()
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        self._check_train_mode()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, ckp1 = self._advance(group)
+            a = lr * (group["momentum"] * (1 - ckp1) - 1)
+            # with n = g + wd * y: z' = z - lr n and y' = lerp(y, z, c) + a n = lerp(y, z', c) + (a + c lr) n
+            coefs = dict(wd=group["weight_decay"], lr=lr, ckp1=ckp1, y_n=a + ckp1 * lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "z" not in self.state[p]:
+                    self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
+            fn = _step_foreach if group["foreach"] else _step_loop
+            for _, idx in by_device_dtype(len(params), lambda i: params[i]).items():
+                ps = [params[i] for i in idx]
+                for _, views in buckets([ps, [p.grad for p in ps], [self.state[p]["z"] for p in ps]]):
+                    fn(*views, **coefs, scratch=self._scratch)
+            group["k"] += 1
+        return loss
+
+
+def _step_foreach(ys: list[Tensor], gs: list[Tensor], zs: list[Tensor], *, wd: float, lr: float,
+                  ckp1: float, y_n: float, scratch: Scratch) -> None:
+    ns = fresh(scratch, 0, torch._foreach_add, torch.add, gs, ys, alpha=wd)[0] if wd != 0.0 else gs
+    torch._foreach_add_(zs, ns, alpha=-lr)
+    torch._foreach_lerp_(ys, zs, ckp1)
+    torch._foreach_add_(ys, ns, alpha=y_n)
+
+
+def _step_loop(ys: list[Tensor], gs: list[Tensor], zs: list[Tensor], *, wd: float, lr: float,
+               ckp1: float, y_n: float, scratch: Scratch) -> None:
+    for y, g, z in zip(ys, gs, zs):
+        n = g.add(y, alpha=wd) if wd != 0.0 else g
+        z.add_(n, alpha=-lr)
+        y.lerp_(z, ckp1)
+        y.add_(n, alpha=y_n)
