@@ -260,7 +260,8 @@ class SPSA(torch.optim.Optimizer):
         counts = Counter(d for _, d in votes)
         best = max(counts.values())
         src, digest = next((r, d) for r, d in votes if counts[d] == best)  # ties: lowest rank
-        mismatched = [r for r, blob in enumerate(got) if blob[:DIGEST_BYTES] != digest or len(blob) != DIGEST_BYTES + 1]
+        # b"" marks a rank that has left (elastic backends): absent, not disagreeing.
+        mismatched = [r for r, blob in enumerate(got) if blob and (blob[:DIGEST_BYTES] != digest or len(blob) != DIGEST_BYTES + 1)]
         if not mismatched:
             return False
         self.resyncs += 1

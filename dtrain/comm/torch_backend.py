@@ -52,7 +52,7 @@ class TorchComm(Comm):
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **_attempt_store(timeout_s))
             self._owns_group = True
         self.group = group
         self.rank = dist.get_rank(group)
@@ -145,6 +145,19 @@ class TorchComm(Comm):
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
+
+
+def _attempt_store(timeout_s: float) -> dict:
+    """Under torchrun restarts, a rendezvous store keyed by attempt, so a restarted worker never
+    reads the previous attempt's addresses (seen as gloo 'connectFullMesh ... Connection refused')."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=datetime.timedelta(seconds=timeout_s))
+    prefix = f"dtrain/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
 
 
 def _wait(work: dist.Work, timeout: float | None, what: str, *, peer_timeout: bool = False) -> None:

@@ -1,0 +1,181 @@
+"""The transport under `HivemindComm`: one p2pd daemon, a hivemind DHT for membership, raw RPCs.
+
+`Node` owns an asyncio loop on a background thread. It starts a p2pd daemon (`hivemind.P2P`)
+from this process, a `hivemind.DHT` that rides on the same daemon, and a one-shot stream
+handler: a caller opens a stream, writes one frame, reads one frame back (`call`). Frames are
+length-prefixed raw bytes (see `hivemind_wire`); hivemind's protobuf and pickle paths are never
+used for our data.
+
+No orphaned daemons: a watchdog ``sh`` whose stdin is a pipe from this process kills p2pd and
+the DHT process as soon as the pipe closes, which the kernel does however this process ends
+(SIGKILL included). `close()` shuts everything down in order and then stops the watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils import get_dht_time
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+class NodeError(RuntimeError):
+    """The transport failed (peer unreachable, stream broken, daemon gone)."""
+
+
+class Node:
+    def __init__(
+        self, *, run_id: str, initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str],
+        handler: Handler, startup_timeout: float = 30.0,
+    ) -> None:
+        self.run_id = run_id
+        self.handle_name = f"dtrain.{run_id}.rpc"
+        self._handler = handler
+        self._closed = False
+        self._dht_lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="hivemind-comm-loop", daemon=True)
+        self._thread.start()
+        self.p2p: P2P | None = None
+        self.dht: DHT | None = None
+        self._watchdog: subprocess.Popen | None = None
+        try:
+            self.p2p = self.run(P2P.create(
+                initial_peers=initial_peers or None, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
+                startup_timeout=startup_timeout,
+            ), timeout=startup_timeout + 5)
+            self.dht = DHT(initial_peers=initial_peers or None, p2p=self.p2p, start=True, await_ready=True)
+            self._start_watchdog()
+            self.run(self.p2p.add_binary_stream_handler(self.handle_name, self._on_stream), timeout=startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.peer_id = self.p2p.peer_id.to_base58()
+
+    # -- plumbing -----------------------------------------------------------------
+    def run(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Run ``coro`` on the node's loop and wait for it (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _start_watchdog(self) -> None:
+        pids = [str(self.p2p._child.pid)] if self.p2p is not None and self.p2p._child is not None else []
+        if self.dht is not None and self.dht.pid:
+            pids.append(str(self.dht.pid))
+        # `read` returns when our end of the pipe closes, i.e. when this process is gone.
+        script = f"read _unused; kill -9 {' '.join(pids)} 2>/dev/null; exit 0"
+        self._watchdog = subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+
+    def visible_maddrs(self) -> list[str]:
+        assert self.dht is not None
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    # -- RPC ------------------------------------------------------------------------
+    async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            frame = await P2P.receive_raw_data(reader)
+            reply = await self._handler(info.peer_id.to_base58(), frame)
+            await P2P.send_raw_data(reply, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the caller went away; nothing to answer
+        except Exception:  # noqa: BLE001 - a handler bug must not kill the loop
+            log.exception("hivemind comm: request handler failed")
+        finally:
+            writer.close()
+
+    async def _call(self, peer_id: str, frame: bytes) -> bytes:
+        assert self.p2p is not None
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handle_name)
+        try:
+            await P2P.send_raw_data(frame, writer)
+            return await P2P.receive_raw_data(reader)
+        finally:
+            writer.close()
+
+    async def call(self, peer_id: str, frame: bytes, timeout: float) -> bytes:
+        """Send one frame to ``peer_id``'s handler and return its reply; NodeError on any failure."""
+        try:
+            return await asyncio.wait_for(self._call(peer_id, frame), timeout)
+        except asyncio.TimeoutError:
+            raise NodeError(f"no reply from {peer_id[:12]}.. within {timeout:.1f}s") from None
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            raise NodeError(f"stream to {peer_id[:12]}.. broke: {type(e).__name__}") from None
+        except Exception as e:  # noqa: BLE001 - the daemon bindings raise their own types
+            raise NodeError(f"cannot reach {peer_id[:12]}..: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+
+    # -- membership records in the DHT ----------------------------------------------
+    def members_key(self) -> str:
+        return f"dtrain/{self.run_id}/members"
+
+    def publish(self, record: dict[str, Any], ttl: float) -> None:
+        """Store this peer's membership record (JSON bytes, never pickled) until now + ttl."""
+        if self.dht is None or self._closed:
+            return
+        blob = json.dumps(record, separators=(",", ":")).encode()
+        with self._dht_lock:
+            self.dht.store(self.members_key(), blob, get_dht_time() + ttl, subkey=self.peer_id)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """peer id -> record, for every unexpired record under this run id (garbage skipped)."""
+        if self.dht is None or self._closed:
+            return {}
+        with self._dht_lock:
+            found = self.dht.get(self.members_key(), latest=True)
+        out: dict[str, dict[str, Any]] = {}
+        if found is None or not isinstance(found.value, dict):
+            return out
+        now = get_dht_time()
+        for subkey, item in found.value.items():
+            value, expires = getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
+            if not isinstance(subkey, str) or not isinstance(value, bytes) or expires < now:
+                continue
+            try:
+                rec = json.loads(value.decode())
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("rank"), int) and not isinstance(rec.get("rank"), bool):
+                out[subkey] = rec
+        return out
+
+    # -- shutdown ---------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.p2p is not None:
+            try:
+                self.run(self.p2p.remove_binary_stream_handler(self.handle_name), timeout=3)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        if self.dht is not None:
+            try:
+                self.dht.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.p2p is not None:
+            try:
+                self.run(self.p2p.shutdown(), timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            if self._watchdog.stdin is not None:
+                self._watchdog.stdin.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        deadline = time.monotonic() + 5
+        while self.dht is not None and self.dht.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)

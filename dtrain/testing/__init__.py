@@ -1,0 +1,1 @@
+"""Helpers for testing dtrain itself: failure injection (`faults`) and peer launching (`peers`)."""
