@@ -166,6 +166,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.schedule must be cosine, constant or linear, got {o.schedule!r}")
     if o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    if o.preset:
+        from dtrain.optim import preset_of
+
+        try:
+            preset_of(o)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.lisa.enabled and (cfg.lisa.gamma < 1 or cfg.lisa.interval < 1):
         raise ConfigError("lisa.gamma and lisa.interval must be >= 1")
     for section in SECTIONS:

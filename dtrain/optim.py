@@ -20,8 +20,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def preset_of(cfg: Any) -> dict[str, Any]:
+    """The named hyperparameter point ``optim.preset`` selects ({} when none)."""
+    if not cfg.preset:
+        return {}
+    import optimizers
+
+    if cfg.preset not in optimizers.PRESETS:
+        raise ValueError(f"optim.preset={cfg.preset!r} is not known; choose one of {sorted(optimizers.PRESETS)}")
+    return dict(optimizers.PRESETS[cfg.preset])
+
+
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    # Groups carry weight decay, so a preset's value must go there or it would be overridden.
+    groups = param_groups(model, preset_of(cfg).get("weight_decay", cfg.weight_decay))
     lr = DEFAULT_LR if cfg.lr is None else cfg.lr
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
@@ -37,9 +49,15 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     return optimizers.create(cfg.name, groups, preset=cfg.preset, **hyper)
 
 
+def warmup_steps(cfg: Any, total_steps: int) -> int:
+    """optim.warmup_steps, or a preset's warmup_fraction of the run."""
+    fraction = preset_of(cfg).get("warmup_fraction")
+    return cfg.warmup_steps if fraction is None else round(fraction * total_steps)
+
+
 def lr_lambda(cfg: Any, total_steps: int):
     """Multiplier of the peak lr at each step: linear warm-up, then cosine/linear/constant to min_lr_ratio."""
-    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    warm = min(warmup_steps(cfg, total_steps), max(total_steps - 1, 0))
     floor = cfg.min_lr_ratio
 
     def f(step: int) -> float:

@@ -124,7 +124,7 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
 
     log = MetricsLog(out / "metrics.jsonl", resume_step=start) if rank == 0 else None
     if start is None:
-        state["initial_eval"] = workload.evaluate(model)[workload.metric]
+        state["initial_eval"] = _evaluate(workload, model, optimizer)[workload.metric]
         if log is not None:
             log.write({"step": 0, "wall_s": 0.0, "train_time_s": 0.0, "eval": finite_or_none(state["initial_eval"]),
                        "metric": workload.metric, "bytes_sent": 0, "bytes_recv": 0})
@@ -162,7 +162,7 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
             })
             recent = []
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            eval_result = workload.evaluate(model)
+            eval_result = _evaluate(workload, model, optimizer)
             value = eval_result[workload.metric]
             if state["time_to_target_s"] is None and workload.reached(value):
                 state["time_to_target_s"] = state["train_time_s"]
@@ -181,7 +181,7 @@ def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
             break
     bar.close()
     if eval_result is None:
-        eval_result = workload.evaluate(model)
+        eval_result = _evaluate(workload, model, optimizer)
     state["wall_s"] = time.perf_counter() - wall0
     record = {
         "rank": rank, "steps": cfg.steps, "final_loss": finite_or_none(last_loss),
@@ -229,6 +229,18 @@ def _train_step(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return value
+
+
+def _evaluate(workload: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Evaluate; optimizers with train()/eval() modes (Schedule-Free) are measured at their eval point."""
+    modal = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+    if modal:
+        optimizer.eval()
+    try:
+        return workload.evaluate(model)
+    finally:
+        if modal:
+            optimizer.train()
 
 
 def _items(batch: Any) -> int:
