@@ -2,17 +2,22 @@
 
 Runs side by side, in one invocation, each system as 4 workers (threads, `run_local`) on the same
 data stream:
-- a 5-point sweep of torch's OneCycleLR over max_lr, each point a DDP run (gradients all-reduced
-  every step); its best validation loss is the reference;
+- a sweep of torch's OneCycleLR over max_lr (×2 apart), each point a DDP run (gradients all-reduced
+  every step). The grid is extended past an edge while the best sits on it, so the best point is
+  bracketed; its validation loss is the reference;
 - torch's OneCycleLR + DDP at the sweep's best max_lr × 10 and ÷ 10 (the "wrong" values);
-- HDET (ours) with auto-LR started from those same wrong values: replicas train apart and average
-  every T steps, no per-step communication.
+- HDET (ours) from those same wrong values, with the scale controller (c × the OneCycle curve,
+  log-spaced multipliers, the controller steers during the warm-up ramp, then fan-in to ρ = 1), in
+  two forms: with a gradient all-reduce every step (``grad_sync``, the paper's own code) and
+  low-communication (replicas train apart, parameters averaged every T steps);
+- diagnostics (skip with --no-diagnostics): HDET started at the sweep's best lr, with the controller
+  on (does it stay there?) and with it frozen (λ = 0: what exploring and training apart cost alone).
 
-Compute is counted in worker-steps: every run is 4 workers × steps, so one HDET run is a fifth
-of the sweep. Communication is read from the Comm's own counters (bytes and collectives per worker).
+Compute is counted in worker-steps: one HDET run (4 replicas × steps) against the whole sweep's
+total. Communication is read from the Comm's own counters (bytes and collectives per worker).
 
-    .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full, ~20 min here)
-    .venv/bin/python benchmarks/hdet.py --quick                               (smoke, ~2 min)
+    .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full, 6 to 25 min here, by load)
+    .venv/bin/python benchmarks/hdet.py --quick                               (smoke, ~3 min)
 """
 
 from __future__ import annotations
@@ -34,18 +39,26 @@ from dtrain.workloads.char_lm import Config as CharConfig
 from dtrain.workloads.char_lm import build
 
 WORKERS = 4
-SWEEP = [2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
+GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]  # ×2 apart; extended past an edge while the best sits on it
+MAX_EXTRA_POINTS = 3
 ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
 
 
-def hdet_settings(steps: int) -> dict[str, Any]:
-    # One setting for both wrong starts (no per-case tuning). Short run: T = steps/30, warm-up 10%.
-    every = max(2, steps // 30)
-    return dict(spread=0.5, converge_every=every, auto_lr_warmup=max(every, steps // 10), auto_lr_beta=0.5,
-                auto_lr_sigma=0.02, auto_lr_gain=1.0, per_group=False)
+def hdet_settings(steps: int, *, grad_sync: bool) -> dict[str, Any]:
+    """One setting for both wrong starts and both forms (no per-case tuning).
+
+    The scale controller multiplies the OneCycle curve by c; it steers from the first converge to the
+    end of the warm-up ramp (pct_start), where the loss signal is strong and not yet dominated by the
+    short-horizon bias towards small lrs; then every replica runs c × the curve's cosine anneal.
+    """
+    every = max(2, steps // 60)
+    return dict(spread=1.0, spacing="log", converge_every=every, auto_lr_warmup=every, auto_lr_mode="scale",
+                auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5, auto_lr_sigma=0.03,
+                auto_lr_gain=1.0, per_group=False, grad_sync=grad_sync)
 
 
-def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int) -> dict[str, Any]:
+def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int,
+               hdet: dict[str, Any] | None = None) -> dict[str, Any]:
     def worker(comm) -> dict[str, Any]:
         torch.set_num_threads(1)
         model = workload.build_model()
@@ -55,7 +68,7 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
             sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, **ONECYCLE)
         else:
             hook = None
-            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **hdet_settings(steps), seed=seed, comm=comm)
+            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **(hdet or {}), seed=seed, comm=comm)
         start, t0, lrs, nonfinite = comm.stats.copy(), time.perf_counter(), [], 0
         for step in range(steps):
             lrs.append(opt.param_groups[0]["lr"])
@@ -75,6 +88,9 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
                "val_loss": workload.evaluate(model)["val_loss"], "lr_trace": lrs[:: max(1, steps // 30)]}
         if kind == "hdet":
             out["base_lr"] = [(e["step"], e["base"]["lr"][0]) for e in sched.log]
+            out["scale"] = sched.scale_values("lr")[0]
+            out["peak_lr"] = max_lr * out["scale"]  # the peak of c × the curve (scale mode)
+            sched.remove()
         if hook is not None:
             hook.remove()
         return out
@@ -86,17 +102,18 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
             "bytes_sent_per_worker": max(r["comm"]["bytes_sent"] for r in results),
             "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
             "train_s": max(r["train_s"] for r in results), "nonfinite_steps": sum(r["nonfinite"] for r in results),
-            "lr_trace_rank0": r0["lr_trace"], "base_lr": r0.get("base_lr")}
+            "lr_trace_rank0": r0["lr_trace"], "base_lr": r0.get("base_lr"), "scale": r0.get("scale"),
+            "peak_lr": r0.get("peak_lr"), "hdet": hdet}
 
 
 def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes: int) -> str:
-    head = f"{'system':<34}{'max_lr':>9}{'val_loss':>10}{'vs best':>9}{'compute':>9}{'MB sent/wkr':>13}{'coll/wkr':>10}{'bytes vs DDP':>14}"
+    head = f"{'system':<40}{'max_lr':>9}{'val_loss':>10}{'vs best':>9}{'compute':>9}{'MB sent/wkr':>13}{'coll/wkr':>10}{'bytes vs DDP':>14}"
     lines = [head, "-" * len(head)]
     for r in rows:
         val = r["val_loss"]
         gap = f"{100 * (val / best - 1):+.1f}%" if math.isfinite(val) else "n/a"
         compute = f"{r['worker_steps'] / sweep_compute:.2f}"
-        lines.append(f"{r['label']:<34}{r['max_lr']:>9.2e}{val:>10.4f}{gap:>9}{compute:>9}"
+        lines.append(f"{r['label']:<40}{r['max_lr']:>9.2e}{val:>10.4f}{gap:>9}{compute:>9}"
                      f"{r['bytes_sent_per_worker'] / 1e6:>13.2f}{r['collectives_per_worker']:>10}"
                      f"{r['bytes_sent_per_worker'] / ddp_bytes:>14.3f}")
     return "\n".join(lines)
@@ -105,7 +122,8 @@ def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--quick", action="store_true", help="60 steps, a tiny model: checks that it runs")
+    ap.add_argument("--quick", action="store_true", help="60 steps, a tiny model, 3 sweep points: checks that it runs")
+    ap.add_argument("--no-diagnostics", action="store_true", help="skip the three HDET runs from the sweep's best lr")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -116,39 +134,64 @@ def main() -> None:
     workload = build(wcfg, seed=args.seed)
     t_start = time.perf_counter()
 
-    def go(label: str, kind: str, lr: float) -> dict[str, Any]:
-        r = run_system(workload, kind=kind, max_lr=lr, steps=steps, seed=args.seed)
+    def go(label: str, kind: str, lr: float, hdet: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = run_system(workload, kind=kind, max_lr=lr, steps=steps, seed=args.seed, hdet=hdet)
         r["label"] = label
-        print(f"  {label:<34} max_lr {lr:.2e}  val_loss {r['val_loss']:.4f}  ({r['train_s']:.0f}s)", flush=True)
+        extra = f"  c {r['scale']:.3f} -> peak {r['peak_lr']:.2e}" if r.get("scale") is not None else ""
+        print(f"  {label:<40} max_lr {lr:.2e}  val_loss {r['val_loss']:.4f}  ({r['train_s']:.0f}s){extra}", flush=True)
         return r
 
+    def loss_of(r: dict[str, Any]) -> float:
+        return r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
+
     print(f"char_lm (n_layer={wcfg.n_layer}, d_model={wcfg.d_model}), {WORKERS} workers, {steps} steps each", flush=True)
-    sweep = [go(f"OneCycleLR+DDP sweep {i + 1}/5", "onecycle", lr) for i, lr in enumerate(SWEEP)]
-    best = min(sweep, key=lambda r: r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf)
+    grid = GRID[1:4] if args.quick else list(GRID)
+    sweep = [go(f"OneCycleLR+DDP sweep {lr:.1e}", "onecycle", lr) for lr in grid]
+    for _ in range(MAX_EXTRA_POINTS):  # bracket the best: extend past an edge while the best sits on it
+        best = min(sweep, key=loss_of)
+        lrs = sorted(r["max_lr"] for r in sweep)
+        if best["max_lr"] not in (lrs[0], lrs[-1]):
+            break
+        lr = lrs[-1] * 2 if best["max_lr"] == lrs[-1] else lrs[0] / 2
+        sweep.append(go(f"OneCycleLR+DDP sweep {lr:.1e} (extends)", "onecycle", lr))
+    sweep.sort(key=lambda r: r["max_lr"])
+    best = min(sweep, key=loss_of)
     best_lr = best["max_lr"]
     rows = [dict(best, label="OneCycleLR+DDP best of sweep")]
     for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
         rows.append(go(f"OneCycleLR+DDP {name}", "onecycle", best_lr * factor))
-    for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
-        rows.append(go(f"HDET auto-LR from {name}", "hdet", best_lr * factor))
+    for sync, form in ((True, "grad sync"), (False, "low-comm")):
+        for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
+            rows.append(go(f"HDET {form}, auto-LR from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=sync)))
+    if not args.no_diagnostics:  # why not: start HDET at the right lr
+        rows.append(go("diag: HDET grad sync from best lr", "hdet", best_lr, hdet_settings(steps, grad_sync=True)))
+        for sync, form in ((True, "grad sync"), (False, "low-comm")):
+            frozen = dict(hdet_settings(steps, grad_sync=sync), auto_lr_gain=0.0)  # explores, c stays 1
+            rows.append(go(f"diag: HDET {form}, best lr, c frozen", "hdet", best_lr, frozen))
     sweep_compute = sum(r["worker_steps"] for r in sweep)
     ddp_bytes = best["bytes_sent_per_worker"]
     text = table(rows, best["val_loss"], sweep_compute, ddp_bytes)
-    hd = [r for r in rows if r["kind"] == "hdet"]
+    sweep_text = "sweep (max_lr: val_loss): " + ", ".join(f"{r['max_lr']:.1e}: {r['val_loss']:.4f}" for r in sweep)
+    hd = [r for r in rows if r["kind"] == "hdet" and not r["label"].startswith("diag")]
     verdict = [f"{r['label']}: {100 * (r['val_loss'] / best['val_loss'] - 1):+.2f}% vs sweep best "
                f"({'within' if r['val_loss'] <= 1.03 * best['val_loss'] else 'NOT within'} 3%), compute "
-               f"{r['worker_steps'] / sweep_compute:.2f} of the sweep, base lr at the end "
-               f"{(r['base_lr'] or [(0, float('nan'))])[-1][1]:.2e} (sweep best max_lr {best_lr:.2e})" for r in hd]
-    notes = (f"compute = worker-steps / the 5-point sweep's; bytes vs DDP = bytes sent per worker / the DDP run's. "
-             f"HDET: {hdet_settings(steps)}. OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
-             f"{steps} steps, n_layer={wcfg.n_layer}, d_model={wcfg.d_model}. Total {time.perf_counter() - t_start:.0f}s.")
-    print("\n" + text + "\n\n" + "\n".join(verdict) + "\n\n" + notes)
+               f"{r['worker_steps'] / sweep_compute:.2f} of the sweep, bytes {r['bytes_sent_per_worker'] / ddp_bytes:.2f}x DDP, "
+               f"c = {r['scale']:.3f}: peak lr {r['peak_lr']:.2e} (sweep best {best_lr:.2e})" for r in hd]
+    notes = (f"compute = worker-steps / the whole sweep's ({len(sweep)} points x {WORKERS} workers x {steps} steps); "
+             f"bytes vs DDP = bytes sent per worker / the DDP run's. HDET: {hdet_settings(steps, grad_sync=True)} "
+             f"(low-comm: grad_sync False; 'c frozen': auto_lr_gain 0, so the replicas explore x1/2..x2 "
+             f"until auto_lr_stop and the curve is never scaled). OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
+             f"{steps} steps, n_layer={wcfg.n_layer}, d_model={wcfg.d_model}, batch {wcfg.batch_size} per worker. "
+             f"Total {time.perf_counter() - t_start:.0f}s.")
+    report = text + "\n\n" + sweep_text + "\n\n" + "\n".join(verdict) + "\n\n" + notes
+    print("\n" + report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"steps": steps, "workers": WORKERS, "sweep": sweep, "rows": rows,
                                         "best_sweep_lr": best_lr, "verdict": verdict, "notes": notes,
-                                        "hdet": hdet_settings(steps), "onecycle": ONECYCLE}, indent=1, default=str))
-        args.out.with_suffix(".txt").write_text(text + "\n\n" + "\n".join(verdict) + "\n\n" + notes + "\n")
+                                        "hdet": hdet_settings(steps, grad_sync=True), "onecycle": ONECYCLE},
+                                       indent=1, default=str))
+        args.out.with_suffix(".txt").write_text(report + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dtrain.algorithms.hdet import HDET, decay_rate, multipliers
+from dtrain.algorithms.hdet import HDET, decay_rate, multipliers, softmax_weights
 from dtrain.comm.local import run_local
 from dtrain.config import ConfigError, load
 from dist_utils import REPO
@@ -57,6 +57,7 @@ def _compare_with_torch(kind: str, groups: int, kwargs: dict, **hdet_kwargs) -> 
 @pytest.mark.parametrize("kind,groups,kwargs", ONECYCLE_GRID)
 def test_one_replica_equals_onecycle_exactly(kind, groups, kwargs):
     _compare_with_torch(kind, groups, kwargs, converge_every=7)  # defaults: spread 1/9, auto-LR on
+    _compare_with_torch(kind, groups, kwargs, converge_every=7, auto_lr_mode="scale", spacing="log", spread=3.0)
 
 
 def test_positional_arguments_match_onecycle():
@@ -261,14 +262,16 @@ def test_constructor_and_converges_leave_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_state_dict_resume_is_exact():
+@pytest.mark.parametrize("mode", ["additive", "scale"])
+def test_state_dict_resume_is_exact(mode):
     total, cut = 30, 17
 
     def build(comm):
         model = _model()
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
         sched = HDET(opt, max_lr=0.05, total_steps=total, spread=0.5, converge_every=5, auto_lr_warmup=5,
-                     auto_lr_sigma=0.5, comm=comm, seed=7)
+                     auto_lr_sigma=0.5, auto_lr_mode=mode, spacing="log" if mode == "scale" else "linear",
+                     auto_lr_window=3, comm=comm, seed=7)
         return model, opt, sched
 
     def straight(comm):
@@ -342,6 +345,16 @@ def test_bad_arguments_name_what_to_change():
         load(REPO / "configs/hdet.yaml", ["algo.spread=1.5"])
     with pytest.raises(ConfigError, match="algo.converge_every"):
         load(REPO / "configs/hdet.yaml", ["algo.converge_every=0"])
+    with pytest.raises(ValueError, match="spacing=log"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, spread=1.0)
+    with pytest.raises(ValueError, match="auto_lr_mode"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, auto_lr_mode="multiply")
+    with pytest.raises(ConfigError, match="algo.spacing"):
+        load(REPO / "configs/hdet.yaml", ["algo.spacing=cubic"])
+    with pytest.raises(ConfigError, match="algo.auto_lr_window"):
+        load(REPO / "configs/hdet.yaml", ["algo.converge_every=5", "algo.auto_lr_window=6"])
+    with pytest.raises(ConfigError, match="algo.auto_lr_stop"):
+        load(REPO / "configs/hdet.yaml", ["algo.auto_lr_stop=-1"])
 
 
 @pytest.mark.timeout(240)
@@ -367,3 +380,77 @@ def test_torchrun_gloo_replicas_identical_after_converge_and_comm_counted(tmp_pa
     for w in workers:  # per converge: one parameter all-reduce (+1 count), one 32-byte loss all-reduce; nothing else
         assert w["comm"]["collectives"] == 8
         assert w["comm"]["bytes_sent"] == expected
+
+
+# -- options beyond DESIGN's defaults: log spacing, the scale controller, the loss window, the stop -----
+@pytest.mark.parametrize("n", [1, 2, 4, 7])
+@pytest.mark.parametrize("a", [0.0, 0.5, 1.0, 3.0])
+def test_log_multipliers_have_geometric_mean_one(n, a):
+    rho = multipliers(n, a, spacing="log")
+    assert math.isclose(math.prod(rho), 1.0, rel_tol=1e-12)
+    assert all(1 / (1 + a) - 1e-12 <= x <= 1 + a + 1e-12 for x in rho)
+    if n > 1:
+        assert math.isclose(min(rho), 1 / (1 + a)) and math.isclose(max(rho), 1 + a)
+        assert all(math.isclose(y / x, rho[1] / rho[0]) for x, y in zip(rho, rho[1:]))  # evenly spaced in log
+
+
+def _scale_run(loss_of_multiplier, *, total=60, every=5, warmup=10, stop=None, window=None):
+    """lr / (OneCycle lr × ρ) = c at every step, and c after each converge, per replica."""
+
+    def worker(comm):
+        opt, ref_opt = _opt("sgd"), _opt("sgd")
+        ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=total, cycle_momentum=False)
+        sched = HDET(opt, max_lr=0.1, total_steps=total, spread=1.0, spacing="log", converge_every=every,
+                     auto_lr_warmup=warmup, auto_lr_mode="scale", auto_lr_stop=stop, auto_lr_window=window,
+                     auto_lr_beta=0.5, auto_lr_sigma=0.05, auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1)
+        scales = []
+        for step in range(total):
+            c = opt.param_groups[0]["lr"] / (ref_opt.param_groups[0]["lr"] * sched.multiplier("lr"))
+            assert math.isclose(c, sched.scale_values("lr")[0], rel_tol=1e-9), step  # the curve, scaled
+            opt.step(), ref_opt.step()
+            sched.step(loss_of_multiplier(sched.multiplier("lr"), step)), ref.step()
+            if (step + 1) % every == 0:
+                scales.append(sched.scale_values("lr")[0])
+        return scales, sched
+
+    return run_local(4, worker)
+
+
+def test_scale_controller_multiplies_the_onecycle_curve_towards_the_winners():
+    neutral = _scale_run(lambda rho, s: 1.0)[0][0]
+    assert neutral == [1.0] * len(neutral)  # no signal: exactly the OneCycle curve (× ρ), no decay of its own
+    high = _scale_run(lambda rho, s: 1.0 - 0.1 * rho)
+    low = _scale_run(lambda rho, s: 1.0 + 0.1 * rho)
+    assert all(r[0] == high[0][0] for r in high)  # every replica computes the same c
+    up, down = high[0][0], low[0][0]
+    assert up[0] == 1.0 == down[0]  # warm-up: the controller starts at step 10
+    assert all(b > a for a, b in zip(up[1:], up[2:])) and all(b < a for a, b in zip(down[1:], down[2:]))
+    # By hand: w = softmax((mean L − L_r)/σ), Δ = Σ w ln ρ − mean ln ρ, v = b·v + (1 − b)·Δ, ln c += λ·v.
+    rho = multipliers(4, 1.0, spacing="log")
+    weights = softmax_weights([1.0 - 0.1 * r for r in rho], 0.05)
+    delta = sum(w * math.log(r) for w, r in zip(weights, rho))  # mean ln ρ = 0 (geometric mean 1)
+    v, c = 0.0, 1.0
+    for got in up[1:4]:
+        v = 0.5 * v + 0.5 * delta
+        c *= math.exp(v)
+        assert math.isclose(got, c, rel_tol=1e-12)
+
+
+def test_scale_controller_stops_steering_at_auto_lr_stop():
+    results = _scale_run(lambda rho, s: 1.0 - 0.1 * rho, stop=30)
+    scales, sched = results[0]
+    assert scales[5] > scales[4] > 1.0  # moving up to the converge at step 30 (its interval counts) ...
+    assert scales[5:] == [scales[5]] * len(scales[5:])  # ... frozen afterwards
+    assert all(r[1].multiplier("lr") == 1.0 for r in results)  # fan-in: every replica at c × the curve
+    assert sched.optimizer.param_groups[0]["lr"] == sched.base_values("lr")[0]
+
+
+def test_loss_window_counts_only_the_last_steps_of_each_interval():
+    # Early steps of each interval favour low multipliers, the last two favour high ones.
+    def loss(rho, step):
+        return 1.0 - 0.1 * rho if step % 5 >= 3 else 1.0 + 10.0 * rho
+
+    full = _scale_run(loss)[0]
+    late = _scale_run(loss, window=2)[0]
+    assert full[0][-1] < 1.0 < late[0][-1]
+    assert late[1].log[0]["losses"] != full[1].log[0]["losses"]

@@ -20,6 +20,23 @@ exploration is off) that also runs the ensemble:
   With one replica or spread 0 the controller has nothing to compare and stays off: the curve is
   exactly OneCycleLR's.
 
+Options beyond those equations (off by default; `benchmarks/hdet.py` uses them):
+
+- ``spacing="log"``: ρ_r = (1 + a)^u_r with u_r = (r − (N−1)/2)/max((N−1)/2, 0.5), geometric mean 1, in
+  [1/(1 + a), 1 + a]; a may exceed 1 (a = 1: ×½ … ×2), so a 10× error is within a few moves' reach.
+- ``auto_lr_mode="scale"``: the controller scales the schedule instead of replacing it. Each replica
+  runs c·ρ_r × (OneCycle's lr; or the initial value of another explored key), and at each converge
+  step Δ = Σ w_r ln ρ_r − mean ln ρ_r, v ← b·v + (1 − b)·Δ, ln c ← ln c + λ·v (c within
+  [10⁻³, 10³]). There is no γ: the curve's own anneal takes the lr to c × its floor.
+- ``auto_lr_window=W``: only the losses of the last W steps of each interval count (right after an
+  average the replicas have not diverged yet, so the early steps carry no signal, only noise).
+- ``auto_lr_stop=S`` (with auto-LR on): converge steps after step S no longer move the controller
+  (v = 0; the additive mode's decay goes on) and from step S every multiplier is 1 (fan-in). Stopping
+  at the end of the warm-up ramp keeps the controller out of the anneal, where the short-horizon bias
+  is strongest (over T steps the lower lr shows the lower loss, though it is not the better peak for
+  the whole run). It does not remove the bias: on char_lm, started at the sweep's best max_lr, the
+  controller still lowers the peak (c ≈ 0.3–0.6 by the end of the ramp; `benchmarks/results/hdet.txt`).
+
 Between converge steps nothing is communicated (the paper's code all-reduces gradients every step;
 ``grad_sync=True`` does that too, for users who want HDET on top of DDP).
 """
@@ -30,7 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtrain.algorithms.base import AttachContext, Attached
-from dtrain.algorithms.hdet_scheduler import HDET, _check_hdet_args, decay_rate, multipliers, softmax_weights
+from dtrain.algorithms.hdet_controller import check_hdet_args, decay_rate, multipliers, softmax_weights
+from dtrain.algorithms.hdet_scheduler import HDET
 
 __all__ = ["HDET", "Config", "HDETRun", "attach", "decay_rate", "multipliers", "softmax_weights", "validate"]
 
@@ -46,6 +64,10 @@ class Config:
     auto_lr_beta: float = 0.9
     auto_lr_sigma: float = 0.02  # σ in loss units (nats): char_lm replicas differ by a few hundredths
     auto_lr_gain: float = 0.5
+    auto_lr_mode: str = "additive"  # additive (DESIGN's base-lr controller) | scale (c × the OneCycle curve)
+    auto_lr_window: int | None = None  # last steps of each interval whose loss counts; None = all T
+    auto_lr_stop: int | None = None  # step from which the loss no longer steers (None = never)
+    spacing: str = "linear"  # multipliers 1 ± a (linear) or (1 + a)^±1 (log)
     explore: list[str] = field(default_factory=lambda: ["lr"])
     per_group: bool = False
     reshuffle: bool = True
@@ -64,7 +86,9 @@ class Config:
 
 def validate(cfg: Config) -> None:
     try:
-        _check_hdet_args(cfg.spread, cfg.converge_every, cfg.auto_lr_warmup, cfg.auto_lr_beta, cfg.auto_lr_sigma, cfg.auto_lr_gain)
+        check_hdet_args(cfg.spread, cfg.converge_every, cfg.auto_lr_warmup, cfg.auto_lr_beta, cfg.auto_lr_sigma,
+                        cfg.auto_lr_gain, spacing=cfg.spacing, mode=cfg.auto_lr_mode, window=cfg.auto_lr_window,
+                        stop=cfg.auto_lr_stop)
     except ValueError as e:
         raise ValueError(f"algo.{e}") from None
     if not 0 <= cfg.pct_start <= 1:
@@ -96,7 +120,9 @@ class HDETRun:
 
     def report(self) -> dict[str, Any]:
         s = self.scheduler
-        return {"converges": s.converges, "multipliers": s.rho, "base_lr": s.base_values("lr") if any(k.name == "lr" for k in s.knobs) else None,
+        has_lr = any(k.name == "lr" for k in s.knobs)
+        return {"converges": s.converges, "multipliers": s.rho, "base_lr": s.base_values("lr") if has_lr else None,
+                "lr_scale": s.scale_values("lr") if has_lr and s.mode == "scale" else None,
                 "final_lr": [g["lr"] for g in s.optimizer.param_groups]}
 
 
@@ -108,7 +134,8 @@ def attach(cfg: Config, ctx: AttachContext) -> Attached:
         max_momentum=cfg.max_momentum, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
         three_phase=cfg.three_phase, spread=cfg.spread, converge_every=cfg.converge_every, auto_lr=cfg.auto_lr,
         auto_lr_warmup=cfg.auto_lr_warmup, auto_lr_beta=cfg.auto_lr_beta, auto_lr_sigma=cfg.auto_lr_sigma,
-        auto_lr_gain=cfg.auto_lr_gain, explore=list(cfg.explore), per_group=cfg.per_group, reshuffle=cfg.reshuffle,
+        auto_lr_gain=cfg.auto_lr_gain, auto_lr_mode=cfg.auto_lr_mode, auto_lr_window=cfg.auto_lr_window,
+        auto_lr_stop=cfg.auto_lr_stop, spacing=cfg.spacing, explore=list(cfg.explore), per_group=cfg.per_group, reshuffle=cfg.reshuffle,
         average_optimizer_state=cfg.average_optimizer_state, grad_sync=cfg.grad_sync,
         broadcast_init=cfg.broadcast_init, seed=ctx.seed, comm=ctx.comm,
     )

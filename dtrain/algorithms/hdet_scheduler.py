@@ -5,76 +5,17 @@ See `dtrain.algorithms.hdet` for the method and its equations."""
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from dtrain.algorithms.base import optimizer_params
+from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args, decay_rate, multipliers, parse_explore,
+                                               softmax_weights, weighted_shift)
 from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps
 from dtrain.comm.base import Comm
 from dtrain.comm.torch_backend import default_comm
-
-_KNOB = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
-_MOMENTUM_KNOBS = {("momentum", None), ("betas", 0)}
-
-
-def multipliers(world_size: int, spread: float) -> list[float]:
-    """ρ_r for r = 0..N−1: symmetric around 1, in [1 − a, 1 + a]."""
-    half = (world_size - 1) / 2
-    return [1.0 + spread * (r - half) / max(half, 0.5) for r in range(world_size)]
-
-
-@dataclass(frozen=True)
-class _Knob:
-    key: str
-    index: int | None  # betas[1] -> ("betas", 1)
-
-    @property
-    def name(self) -> str:
-        return self.key if self.index is None else f"{self.key}[{self.index}]"
-
-    @property
-    def complement(self) -> bool:
-        # Betas and momentum are explored on 1 − β, the scale on which a multiplier makes sense.
-        return self.key in ("betas", "momentum")
-
-    def read(self, group: dict[str, Any]) -> float:
-        value = group[self.key]
-        return float(value if self.index is None else value[self.index])
-
-    def write(self, group: dict[str, Any], value: float) -> None:
-        if self.index is None:
-            group[self.key] = value
-        else:
-            seq = list(group[self.key])
-            seq[self.index] = value
-            group[self.key] = type(group[self.key])(seq)
-
-
-def parse_explore(names: list[str] | tuple[str, ...], optimizer: torch.optim.Optimizer, *, cycle_momentum: bool) -> list[_Knob]:
-    knobs = []
-    for name in names:
-        m = _KNOB.match(name)
-        if not m:
-            raise ValueError(f"explore entry {name!r} must be a param-group key like 'lr', 'weight_decay' or 'betas[1]'")
-        knob = _Knob(m.group(1), None if m.group(2) is None else int(m.group(2)))
-        for group in optimizer.param_groups:
-            try:
-                value = knob.read(group) if knob.key != "lr" else 0.0
-            except (KeyError, IndexError, TypeError):
-                raise ValueError(f"explore entry {name!r} is not a scalar of the optimizer's param groups") from None
-            if not math.isfinite(value):
-                raise ValueError(f"explore entry {name!r} has a non-finite value {value}")
-        if cycle_momentum and (knob.key, knob.index) in _MOMENTUM_KNOBS:
-            raise ValueError(f"explore entry {name!r} is cycled by the schedule; set cycle_momentum=False to explore it")
-        if knob in knobs:
-            raise ValueError(f"explore entry {name!r} is listed twice")
-        knobs.append(knob)
-    return knobs
-
 
 class HDET(LRScheduler):
     """OneCycleLR with hyperparameter-divergent replicas, periodic averaging and an auto-LR controller.
@@ -107,6 +48,10 @@ class HDET(LRScheduler):
         auto_lr_beta: float = 0.9,
         auto_lr_sigma: float = 0.1,
         auto_lr_gain: float = 0.5,
+        auto_lr_mode: str = "additive",
+        auto_lr_window: int | None = None,
+        auto_lr_stop: int | None = None,
+        spacing: str = "linear",
         explore: list[str] | tuple[str, ...] = ("lr",),
         per_group: bool = True,
         reshuffle: bool = True,
@@ -124,7 +69,8 @@ class HDET(LRScheduler):
         if anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
         self._anneal = anneal_strategy
-        _check_hdet_args(spread, converge_every, auto_lr_warmup, auto_lr_beta, auto_lr_sigma, auto_lr_gain)
+        check_hdet_args(spread, converge_every, auto_lr_warmup, auto_lr_beta, auto_lr_sigma, auto_lr_gain,
+                        spacing=spacing, mode=auto_lr_mode, window=auto_lr_window, stop=auto_lr_stop)
         self.cycle_momentum = cycle_momentum
         self.knobs = parse_explore(list(explore), optimizer, cycle_momentum=cycle_momentum)
         self.comm = comm if comm is not None else default_comm()
@@ -134,10 +80,13 @@ class HDET(LRScheduler):
         self.auto_lr = auto_lr and self.comm.world_size > 1 and spread > 0
         self.auto_lr_warmup = int(0.1 * self.total_steps) if auto_lr_warmup is None else int(auto_lr_warmup)
         self.beta, self.sigma, self.gain = float(auto_lr_beta), float(auto_lr_sigma), float(auto_lr_gain)
+        self.mode, self.spacing = auto_lr_mode, spacing
+        self.window = self.converge_every if auto_lr_window is None else int(auto_lr_window)
+        self.auto_lr_stop = None if auto_lr_stop is None else int(auto_lr_stop)
         self.per_group, self.reshuffle = per_group, reshuffle
         self.average_optimizer_state = average_optimizer_state
         self.seed = int(seed)
-        self.rho = multipliers(self.replicas, self.spread)
+        self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
 
         groups = optimizer.param_groups
         max_lrs = _per_group("max_lr", max_lr, groups)
@@ -164,10 +113,11 @@ class HDET(LRScheduler):
         # Controller state, one entry per (explored key, param group); values on the explore scale.
         n_knobs, n_groups = len(self.knobs), len(groups)
         self._raw = [[k.read(g) if k.key != "lr" else 0.0 for g in groups] for k in self.knobs]
-        self._start = [[self._to_scale(k, v) for v in row] for k, row in zip(self.knobs, self._raw)]
+        self._start = [[k.to_scale(v) for v in row] for k, row in zip(self.knobs, self._raw)]
         self._base: list[list[float | None]] = [[None] * n_groups for _ in range(n_knobs)]
         self._velocity = [[0.0] * n_groups for _ in range(n_knobs)]
         self._gamma = [[0.0] * n_groups for _ in range(n_knobs)]
+        self._log_scale = [[0.0] * n_groups for _ in range(n_knobs)]  # auto_lr_mode=scale: ln c
         self.converges = 0
         self._loss_sum, self._loss_count = 0.0, 0
         self.log: list[dict[str, Any]] = []  # one entry per converge step after the warm-up
@@ -189,7 +139,9 @@ class HDET(LRScheduler):
         """Advance one optimizer step; ``loss`` (optional) is the loss of the step just taken."""
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-            if math.isfinite(value):
+            # Only the interval's last `window` steps count: right after an average the replicas agree.
+            in_window = self.last_epoch % self.converge_every >= self.converge_every - self.window
+            if math.isfinite(value) and in_window:
                 self._loss_sum += value
                 self._loss_count += 1
         if self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
@@ -217,14 +169,24 @@ class HDET(LRScheduler):
         return lrs
 
     def _explored(self, ki: int, gi: int, schedule_value: float) -> float:
-        """This replica's value: (controller base, or the schedule's / initial value) × its multiplier."""
+        """This replica's value: (controller base, or the schedule's / initial value) × its multiplier.
+
+        auto_lr_mode=scale: (the schedule's / initial value) × c × its multiplier, the curve kept."""
         knob, base = self.knobs[ki], self._base[ki][gi]
-        rho = self.rho[self._perms[self._perm_key(ki, gi)][self.rank]]
+        rho = self.multiplier(knob.name, gi)
+        if self.mode == "scale":
+            factor = math.exp(self._log_scale[ki][gi]) * rho
+            if factor == 1.0:
+                return schedule_value if knob.key == "lr" else self._raw[ki][gi]
+            if knob.key == "lr":
+                return schedule_value * factor
+            lo, hi = knob.bounds(self.optimizer.param_groups[gi])
+            return knob.from_scale(min(max(self._start[ki][gi] * factor, lo), hi))
         if base is None:
             if rho == 1.0:
                 return schedule_value if knob.key == "lr" else self._raw[ki][gi]
             base = schedule_value if knob.key == "lr" else self._start[ki][gi]
-        return self._from_scale(knob, base * rho)
+        return knob.from_scale(base * rho)
 
     # -- converge ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -272,9 +234,17 @@ class HDET(LRScheduler):
 
     def _update_controller(self, losses: list[float | None], done: int) -> None:
         weights = softmax_weights(losses, self.sigma)
+        steering = self.auto_lr_stop is None or done <= self.auto_lr_stop  # afterwards: no loss-driven moves
         for ki, knob in enumerate(self.knobs):
             for gi, group in enumerate(self.optimizer.param_groups):
                 perm = self._perms[self._perm_key(ki, gi)]
+                if self.mode == "scale":  # ln c moves towards the winners' ln ρ; the curve does the decay
+                    delta = weighted_shift(weights, [math.log(self.rho[perm[r]]) for r in range(self.replicas)])
+                    v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta if steering else 0.0
+                    self._velocity[ki][gi] = v
+                    bound = math.log(MAX_SCALE)
+                    self._log_scale[ki][gi] = min(max(self._log_scale[ki][gi] + self.gain * v, -bound), bound)
+                    continue
                 if self._base[ki][gi] is None:  # the controller takes over from the schedule here
                     if knob.key == "lr":
                         start = curve_point(min(done, self.total_steps), self._phases, self._anneal, group, momentum=False)[0]
@@ -283,16 +253,15 @@ class HDET(LRScheduler):
                         start = self._start[ki][gi]
                     self._base[ki][gi] = start
                 base = float(self._base[ki][gi])  # type: ignore[arg-type]
-                used = [base * self.rho[perm[r]] for r in range(self.replicas)]
-                delta = sum(w * h for w, h in zip(weights, used)) - sum(used) / self.replicas if weights else 0.0
-                v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta
+                delta = weighted_shift(weights, [base * self.rho[perm[r]] for r in range(self.replicas)])
+                v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta if steering else 0.0
                 new = base * (1 - self._gamma[ki][gi]) + self.gain * v
-                lo = group["min_lr"] if knob.key == "lr" else (1e-6 if knob.complement else 0.0)
-                hi = 1.0 if knob.complement else math.inf
+                lo, hi = knob.bounds(group)
                 self._velocity[ki][gi] = v
                 self._base[ki][gi] = min(max(new, lo), hi) if math.isfinite(new) else base
         self.log.append({"step": done, "losses": losses, "weights": weights,
-                         "base": {self.knobs[ki].name: list(row) for ki, row in enumerate(self._base)}})
+                         "base": {k.name: self.base_values(k.name) for k in self.knobs},
+                         "scale": {k.name: [math.exp(x) for x in row] for k, row in zip(self.knobs, self._log_scale)}})
 
     def _state_tensors(self) -> list[torch.Tensor]:
         out = []
@@ -317,25 +286,44 @@ class HDET(LRScheduler):
 
     def multiplier(self, name: str = "lr", group: int = 0) -> float:
         """This replica's current multiplier of explored hyperparameter ``name`` in ``group``."""
+        if self.exploring_stopped:
+            return 1.0
         ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
         return self.rho[self._perms[self._perm_key(ki, group)][self.rank]]
 
+    @property
+    def exploring_stopped(self) -> bool:
+        """From step auto_lr_stop on the loss no longer steers, so every replica runs ρ = 1 (fan-in)."""
+        return self.auto_lr and self.auto_lr_stop is not None and self.last_epoch >= self.auto_lr_stop
+
     def base_values(self, name: str = "lr") -> list[float | None]:
-        """The controller's base value per param group (None before the controller starts)."""
+        """The controller's base value per param group (None before the controller starts).
+
+        auto_lr_mode=scale: the value before the multiplier, i.e. the schedule's (or initial) value × c."""
         ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
-        return [None if b is None else self._from_scale(self.knobs[ki], b) for b in self._base[ki]]
+        knob = self.knobs[ki]
+        if self.mode == "scale":
+            out = []
+            for gi, group in enumerate(self.optimizer.param_groups):
+                c = math.exp(self._log_scale[ki][gi])
+                if knob.key == "lr":
+                    step = min(max(self.last_epoch, 0), self.total_steps)
+                    out.append(curve_point(step, self._phases, self._anneal, group, momentum=False)[0] * c)
+                else:
+                    lo, hi = knob.bounds(group)
+                    out.append(knob.from_scale(min(max(self._start[ki][gi] * c, lo), hi)))
+            return out
+        return [None if b is None else knob.from_scale(b) for b in self._base[ki]]
 
-    @staticmethod
-    def _to_scale(knob: _Knob, value: float) -> float:
-        return 1.0 - value if knob.complement else value
-
-    @staticmethod
-    def _from_scale(knob: _Knob, value: float) -> float:
-        return 1.0 - value if knob.complement else value
+    def scale_values(self, name: str = "lr") -> list[float]:
+        """auto_lr_mode=scale: the controller's factor c per param group on the explored value (1 at start)."""
+        ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
+        return [math.exp(x) for x in self._log_scale[ki]]
 
     # -- checkpoints ---------------------------------------------------------------------------
     _STATE = ("last_epoch", "_step_count", "_last_lr", "base_lrs", "total_steps", "converges", "_base",
-              "_velocity", "_gamma", "_start", "_raw", "_loss_sum", "_loss_count", "log", "replicas", "spread", "seed")
+              "_velocity", "_gamma", "_log_scale", "_start", "_raw", "_loss_sum", "_loss_count", "log", "replicas", "spread",
+              "spacing", "seed")
 
     def state_dict(self) -> dict[str, Any]:
         return {key: _plain(getattr(self, key)) for key in self._STATE}
@@ -345,48 +333,13 @@ class HDET(LRScheduler):
             raise ValueError(f"HDET checkpoint was written by {state_dict['replicas']} replicas, this run has {self.replicas}; resume with the same number of workers")
         for key in self._STATE:
             setattr(self, key, _plain(state_dict[key]))
-        self.rho = multipliers(self.replicas, self.spread)
+        self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
         self._perms = self._draw_permutations(self.converges)
 
     def remove(self) -> None:
         """Stop the per-step gradient sync hook (if any)."""
         if self._grad_sync is not None:
             self._grad_sync.remove()
-
-
-def softmax_weights(losses: list[float | None], sigma: float) -> list[float]:
-    """w = softmax((mean L − L_r)/σ) over replicas that reported a loss (others weigh 0); [] if < 2."""
-    valid = [x for x in losses if x is not None]
-    if len(valid) < 2:
-        return []
-    mean = sum(valid) / len(valid)
-    scores = [(mean - x) / sigma if x is not None else -math.inf for x in losses]
-    top = max(scores)
-    exps = [math.exp(s - top) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
-
-
-def decay_rate(start: float, floor: float, intervals: float) -> float:
-    """γ with (1 − γ)^K = floor/start: decays ``start`` onto ``floor`` in K converge steps (0 if at floor)."""
-    if not (start > floor > 0) or intervals <= 0:
-        return 0.0
-    return 1.0 - math.exp(-math.log(start / floor) / max(intervals, 1.0))
-
-
-def _check_hdet_args(spread: float, every: int, warmup: int | None, beta: float, sigma: float, gain: float) -> None:
-    if not 0 <= spread < 1:
-        raise ValueError(f"spread must be in [0, 1) so every multiplier stays positive, got {spread}")
-    if int(every) != every or every < 1:
-        raise ValueError(f"converge_every must be an integer >= 1, got {every}")
-    if warmup is not None and warmup < 0:
-        raise ValueError(f"auto_lr_warmup must be >= 0, got {warmup}")
-    if not 0 <= beta < 1:
-        raise ValueError(f"auto_lr_beta must be in [0, 1), got {beta}")
-    if sigma <= 0:
-        raise ValueError(f"auto_lr_sigma must be > 0, got {sigma}")
-    if gain < 0:
-        raise ValueError(f"auto_lr_gain must be >= 0, got {gain}")
 
 
 def _per_group(name: str, value: Any, groups: list[dict[str, Any]]) -> list[Any]:
