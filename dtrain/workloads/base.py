@@ -39,6 +39,11 @@ class Workload(ABC):
     def __init__(self, cfg: Any, *, seed: int) -> None:
         self.cfg = cfg
         self.seed = seed
+        # A workload's config may set its target and budget (e.g. for a scaled-down model).
+        if getattr(cfg, "target", None) is not None:
+            self.target = float(cfg.target)
+        if getattr(cfg, "time_budget_s", None) is not None:
+            self.time_budget_s = float(cfg.time_budget_s)
 
     @abstractmethod
     def build_model(self) -> nn.Module:

@@ -119,8 +119,6 @@ class CharLM(Workload):
 
     def __init__(self, cfg: Config, *, seed: int) -> None:
         super().__init__(cfg, seed=seed)
-        self.target = float(cfg.target)
-        self.time_budget_s = float(cfg.time_budget_s)
         text = Path(cfg.data_path).read_text(encoding="utf-8", errors="replace") if cfg.data_path else default_corpus()
         train, val = split_text(text, cfg.val_fraction)
         need = cfg.seq_len + 2

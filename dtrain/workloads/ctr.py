@@ -155,8 +155,6 @@ class CTR(Workload):
 
     def __init__(self, cfg: Config, *, seed: int) -> None:
         super().__init__(cfg, seed=seed)
-        self.target = float(cfg.target)
-        self.time_budget_s = float(cfg.time_budget_s)
         self.truth = TrueModel(cfg)
         self.val_ids, self.val_dense = self.truth.sample_inputs(cfg.val_size, generator(cfg.data_seed, "ctr-val"))
         true_logit = self.truth.logit(self.val_ids, self.val_dense)

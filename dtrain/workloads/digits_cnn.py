@@ -121,8 +121,6 @@ class DigitsCNN(Workload):
 
     def __init__(self, cfg: Config, *, seed: int) -> None:
         super().__init__(cfg, seed=seed)
-        self.target = float(cfg.target)
-        self.time_budget_s = float(cfg.time_budget_s)
         self.x_train, self.y_train, self.x_val, self.y_val = load_split()
         self._perm: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) cache
 

@@ -151,8 +151,6 @@ class SeqRNN(Workload):
 
     def __init__(self, cfg: Config, *, seed: int) -> None:
         super().__init__(cfg, seed=seed)
-        self.target = float(cfg.target)
-        self.time_budget_s = float(cfg.time_budget_s)
         self.hmm = HMM(cfg)
         self.val_symbols, self.val_states = self.hmm.sample(cfg.val_sequences, cfg.seq_len, generator(cfg.data_seed, "hmm-val"))
         post = self.hmm.filter(self.val_symbols)
