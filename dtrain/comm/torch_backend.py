@@ -143,6 +143,14 @@ class TorchComm(Comm):
 
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():
+            # Tear down together: a rank destroying gloo while a peer still talks to it can abort
+            # at exit ("terminate called without an active exception"). Bounded, so a dead peer
+            # cannot hold the others here.
+            try:
+                if self.backend == "gloo" and self.world_size > 1:
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+            except RuntimeError:
+                pass
             dist.destroy_process_group()
             self._owns_group = False
 
@@ -150,8 +158,8 @@ class TorchComm(Comm):
 def _attempt_store(timeout_s: float) -> dict:
     """Under torchrun restarts, a rendezvous store keyed by attempt, so a restarted worker never
     reads the previous attempt's addresses (seen as gloo 'connectFullMesh ... Connection refused')."""
-    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
-        return {}
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return {}  # first attempt: torch's own env:// rendezvous
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,

@@ -48,9 +48,12 @@ def main() -> None:
             res["timeout"] = False
         except PeerTimeout:
             res["timeout"] = True
-    else:
-        time.sleep(3.0)  # stay alive so rank 0 sees silence, not a closed connection
+    elif r == 1:
+        time.sleep(3.0)  # silent past rank 0's timeout, then answers late: the pair must still work
+        late = comm.exchange([torch.full((4,), 7.0)], 0, tag=9, timeout=30)
+        res["late_reply_delivered"] = late[0].tolist() == [1.0] * 4
     json.dump(res, open(f"{out}.{r}", "w"))
+    comm.close()
 
 
 if __name__ == "__main__":
