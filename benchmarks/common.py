@@ -19,15 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_train(nproc: int, config: str, out_dir: Path, overrides: list[str], *, timeout: float = 1800) -> dict[str, Any]:
-    """One `dtrain train` job under torchrun (gloo, loopback); returns its summary.json."""
+def torchrun_train(nproc: int, config: str, out_dir: Path, overrides: list[str], *, timeout: float = 1800,
+                   entry: list[str] | None = None) -> dict[str, Any]:
+    """One `dtrain train` job under torchrun (gloo, loopback); returns its summary.json.
+
+    ``entry`` replaces ``-m dtrain.cli train`` for a benchmark that wraps the entry point itself.
+    """
+    entry = entry or ["-m", "dtrain.cli", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "dtrain.cli", "train", config, f"out_dir={out_dir}",
+           "--master-port", str(free_port()), *entry, config, f"out_dir={out_dir}",
            "progress=false", "plot=false", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{config} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
 

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import torchrun_train
 from dtrain.workloads import char_lm
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = ["workload.n_layer=2", "workload.d_model=64", "workload.n_head=4", "threads=1", "progress=false",
          "plot=false", "ckpt_every=0"]
 CONFIGS = {"ddp": "configs/ddp.yaml", "diloco": "configs/diloco.yaml", "noloco": "configs/noloco.yaml"}
@@ -84,23 +81,6 @@ def worker_main(argv: list[str]) -> int:
 
 
 # -- the driver ---------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_train(workers: int, config: str, out_dir: Path, overrides: list[str], *, timeout: float = 1800) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers), "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), str(Path(__file__).resolve()), "--worker", config,
-           f"out_dir={out_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{config} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads((out_dir / "summary.json").read_text())
-
-
 def metrics(summary: dict[str, Any], *, slow_rank: int | None = None) -> dict[str, Any]:
     workers = sorted(summary["workers"], key=lambda w: w["rank"])
     fast = [w for w in workers if w["rank"] != slow_rank]
@@ -183,7 +163,8 @@ def main() -> int:
         for i, (scenario, algo, extra, slow) in enumerate(runs(args)):
             h = ["algo.sync_every=20"] if args.quick and algo != "ddp" else []
             t0 = time.perf_counter()
-            summary = torchrun_train(args.workers, CONFIGS[algo], Path(tmp) / f"{i}-{scenario}-{algo}", [*common, *h, *extra])
+            summary = torchrun_train(args.workers, CONFIGS[algo], Path(tmp) / f"{i}-{scenario}-{algo}", [*common, *h, *extra],
+                                     entry=[str(Path(__file__).resolve()), "--worker"])
             row = {"scenario": scenario, "algo": algo, "overrides": [*h, *extra], **metrics(summary, slow_rank=slow)}
             results.append(row)
             print(f"[{scenario}/{algo}] val_loss {row['val_loss']:.4f}, blocked {row['blocked_s_fast_mean']:.2f}s, "

@@ -30,14 +30,6 @@ def same(a, b) -> bool:
     return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_batches_deterministic_in_seed_step_rank(name: str) -> None:
     a, b = make(name, seed=3), make(name, seed=3)
