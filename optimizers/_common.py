@@ -20,6 +20,16 @@ CPU_BUCKET_ELEMS = 1 << 18
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# torch's fused optimizer kernels (one vectorised pass per tensor for a whole
+# Adam or SGD update) where they exist and keep our numerics: float16/bfloat16
+# would compute in float32 inside the kernel, unlike the foreach path.
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+# A step count at which 1 - beta**step == 1 exactly for every beta < 1 (beta**step
+# underflows to 0), so a fused Adam kernel applies no bias correction of its own.
+_NO_BIAS_CORRECTION_STEP = 1e30
+
 
 def cpu_layout(t: Tensor) -> bool:
     """Whether to use the CPU strategy (cache-sized buckets, scratch temporaries) for ``t``'s device."""
@@ -63,6 +73,29 @@ def check_same_across_groups(owner: str, groups: list[dict[str, Any]], keys: Seq
                 raise bad(owner, key, g[key],
                           f"it drives the optimizer-wide step size, so every param group must "
                           f"use the same value as the first group ({first!r})")
+
+
+def check_fused(owner: str, fused: Any, foreach: Any) -> None:
+    """Validate ``fused`` as torch.optim does: None (where supported), True or False."""
+    if fused is not None and not isinstance(fused, bool):
+        raise bad(owner, "fused", fused, "pass None (use fused kernels where supported), True or False")
+    if fused and not foreach:
+        raise bad(owner, "fused", fused, "fused kernels replace the foreach path; "
+                  "use foreach=True, or fused=None/False with foreach=False")
+
+
+def use_fused(owner: str, fused: Optional[bool], t: Tensor) -> bool:
+    """Whether the fused kernels run for ``t``'s device and dtype (``fused=True`` insists)."""
+    ok = t.device.type in _FUSED_DEVICES and t.dtype in _FUSED_DTYPES
+    if fused and not ok:
+        raise bad(owner, "fused", fused, f"fused kernels support float32/float64 on "
+                  f"{'/'.join(_FUSED_DEVICES)}, not {t.dtype} on {t.device.type}; use fused=None")
+    return ok if fused is None else fused
+
+
+def dense(*lists: Sequence[Tensor]) -> bool:
+    """Whether every tensor is contiguous: the fused kernels walk raw memory and ignore strides."""
+    return all(t.is_contiguous() for ts in lists for t in ts)
 
 
 class KeepsExtras:
@@ -145,7 +178,10 @@ def pull_scattered(parts: Sequence[Tensor], slots: Sequence[int], size: int, dev
     dt = acc_dtype(device)
     t = torch.zeros(size, dtype=dt, device=device)
     if parts:
-        vals = torch.stack([x.to(device=device, dtype=dt) for x in parts])
+        if all(x.dtype == parts[0].dtype and x.device == device for x in parts):
+            vals = torch.stack(list(parts)).to(dt)  # one conversion, not one per part
+        else:
+            vals = torch.stack([x.to(device=device, dtype=dt) for x in parts])
         t.index_add_(0, torch.tensor(list(slots), device=device), vals)
     if reducer is not None and reducer.active:
         reducer.sum_(t)
@@ -219,6 +255,14 @@ class Scratch:
         self._bufs: dict[tuple[torch.dtype, int], Tensor] = {}
         # building views costs more Python time than the arithmetic on small tensors: reuse them
         self._views: dict[tuple[Any, ...], tuple[list[Tensor], Tensor]] = {}
+        self._steps: dict[torch.device, Tensor] = {}
+
+    def no_bias_correction_steps(self, device: torch.device, n: int) -> list[Tensor]:
+        """``state_steps`` for a fused Adam kernel that must not bias-correct (it only reads them)."""
+        t = self._steps.get(device)
+        if t is None:
+            t = self._steps[device] = torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)
+        return [t] * n
 
     def like(self, ts: Sequence[Tensor], slot: int) -> tuple[list[Tensor], Optional[Tensor]]:
         """Uninitialised tensors shaped like ``ts``, and the flat tensor they tile (None if not one).
@@ -278,6 +322,22 @@ def total_of(views: list[Tensor], flat: Optional[Tensor]) -> list[Tensor]:
     if flat is not None:
         return [flat.sum(dtype=torch.float32) if flat.dtype in _LOW_PRECISION else flat.sum()]
     return [v.sum(dtype=torch.float32) if v.dtype in _LOW_PRECISION else v.sum() for v in views]
+
+
+def scale_add_(xs: list[Tensor], ys: list[Tensor], a: float, b: float, *, fused: bool) -> None:
+    """xs = a * xs + b * ys.
+
+    With ``fused``, one pass instead of two: torch's fused SGD kernel computes
+    x - lr * (y + wd * x), which is this with lr = -b, wd = (a - 1) / b; its
+    rounding error, eps * (|b y| + |(a - 1) x|), is that of the two-op form.
+    The bound on wd only keeps wd * x finite.
+    """
+    if fused and b != 0.0 and abs(a - 1.0) <= 1e12 * abs(b) and dense(xs, ys):
+        torch._fused_sgd_(xs, ys, [], weight_decay=(a - 1.0) / b, momentum=0.0, lr=-b, dampening=0.0,
+                          nesterov=False, maximize=False, is_first_step=False)
+        return
+    torch._foreach_mul_(xs, a)
+    torch._foreach_add_(xs, ys, alpha=b)
 
 
 def l1_total(scratch: Scratch, xs: list[Tensor], slot: int) -> list[Tensor]:

@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype,
-                      check_betas, check_range, check_same_across_groups, dot, fresh, l1_total, pull, sum_abs)
+from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype, check_betas,
+                      check_fused, check_range, check_same_across_groups, dot, fresh, l1_total, pull, scale_add_,
+                      sum_abs, use_fused)
 
 _SHARED = ("betas", "use_bias_correction", "decouple", "growth_rate", "d0")
 
@@ -28,14 +29,17 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
     ``layer_scale`` (per group) multiplies that group's step relative to the
     others, since every group must carry the same lr (or 0 to freeze it).
     ``weight_decay`` is an L2 penalty unless ``decouple=True`` (AdamW style).
+    ``fused`` (None: where supported) updates m and s with torch's fused SGD
+    kernel (one pass each) on contiguous float32/float64 CPU/CUDA tensors.
     """
 
     def __init__(self, params: ParamsT, *, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
                  use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = math.inf,
-                 layer_scale: float = 1.0, foreach: bool = True, process_group: Any = None,
-                 comm: Any = None) -> None:
+                 layer_scale: float = 1.0, foreach: bool = True, fused: Optional[bool] = None,
+                 process_group: Any = None, comm: Any = None) -> None:
         name = type(self).__name__
+        check_fused(name, fused, foreach)
         check_range(name, "lr", lr, 0.0, lo_open=True)
         betas = check_betas(name, betas)
         check_range(name, "eps", eps, 0.0)
@@ -47,7 +51,7 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
         self._scratch = Scratch()
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
-                        layer_scale=layer_scale, foreach=foreach,
+                        layer_scale=layer_scale, foreach=foreach, fused=fused,
                         d=d0, k=0, numerator_weighted=0.0)  # optimizer-wide, mirrored per group
         super().__init__(params, defaults)
         check_same_across_groups(name, self.param_groups, _SHARED)
@@ -90,8 +94,10 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
                 lists = [ps, [p.grad for p in ps], [s["exp_avg"] for s in sts],
                          [s["exp_avg_sq"] for s in sts], [s["s"] for s in sts]]
                 n0, m0 = len(num_parts), len(den_parts)
+                fused = group["foreach"] and use_fused(type(self).__name__, group.get("fused"), ps[0])
                 for _, views in buckets(lists):
-                    fn(*views, **opts, num_parts=num_parts, den_parts=den_parts, scratch=self._scratch)
+                    fn(*views, **opts, num_parts=num_parts, den_parts=den_parts, scratch=self._scratch,
+                       fused=fused)
                 if r != 1.0:  # layer_scale weighs this group's share of both sums
                     num_parts[n0:] = [x * r for x in num_parts[n0:]]
                     den_parts[m0:] = [x * r for x in den_parts[m0:]]
@@ -118,7 +124,7 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
 def _step_foreach(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
                   ss: list[Tensor], *, eps: float, coupled: float, decay: float,
                   coefs: tuple[float, ...], num_parts: list[Tensor], den_parts: list[Tensor],
-                  scratch: Scratch) -> None:
+                  scratch: Scratch, fused: bool) -> None:
     b1, c1, b2, c2, b3, c3 = coefs
     if coupled != 0.0:  # L2 penalty, without touching p.grad
         gs, _ = fresh(scratch, 0, torch._foreach_add, torch.add, gs, ps, alpha=coupled)
@@ -126,12 +132,10 @@ def _step_foreach(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list
     torch._foreach_add_(denom, eps)
     q, _ = fresh(scratch, 2, torch._foreach_div, torch.div, ss, denom)  # s / denom at the old second moment
     num_parts.extend(dot(g, x) for g, x in zip(gs, q))
-    torch._foreach_mul_(ms, b1)
-    torch._foreach_add_(ms, gs, alpha=c1)
+    scale_add_(ms, gs, b1, c1, fused=fused)
     torch._foreach_mul_(vs, b2)
     torch._foreach_addcmul_(vs, gs, gs, value=c2)
-    torch._foreach_mul_(ss, b3)
-    torch._foreach_add_(ss, gs, alpha=c3)
+    scale_add_(ss, gs, b3, c3, fused=fused)
     den_parts.extend(l1_total(scratch, ss, 2))
     denom, _ = fresh(scratch, 1, torch._foreach_sqrt, torch.sqrt, vs)
     torch._foreach_add_(denom, eps)
@@ -143,7 +147,7 @@ def _step_foreach(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list
 def _step_loop(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
                ss: list[Tensor], *, eps: float, coupled: float, decay: float,
                coefs: tuple[float, ...], num_parts: list[Tensor], den_parts: list[Tensor],
-               scratch: Scratch) -> None:
+               scratch: Scratch, fused: bool) -> None:
     b1, c1, b2, c2, b3, c3 = coefs
     for p, g, m, v, s in zip(ps, gs, ms, vs, ss):
         if coupled != 0.0:

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _common
-from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, buckets, by_device_dtype, check_range, dot,
-                      fresh, pull_scattered, sumsq)
+from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, buckets, by_device_dtype, check_fused, check_range,
+                      dense, dot, fresh, pull_scattered, sumsq, use_fused)
 
 
 class DoG(KeepsExtras, torch.optim.Optimizer):
@@ -30,14 +30,18 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
     ``reps_rel`` sets the first distance, reps_rel * (1 + ||x_0||); use 1e-4 with
     batch norm. ``init_eta`` fixes the first step size instead. ``weight_decay``
     is an L2 penalty added to the gradient. Keep ``lr`` (c in the paper) at 1.
+    ``fused`` (None: where supported) runs the update as torch's fused SGD
+    kernel on contiguous float32/float64 CPU/CUDA tensors.
     """
 
     layer_wise = False
 
     def __init__(self, params: ParamsT, *, lr: float = 1.0, reps_rel: float = 1e-6,
                  weight_decay: float = 0.0, eps: float = 1e-8, init_eta: Optional[float] = None,
-                 foreach: bool = True, process_group: Any = None, comm: Any = None) -> None:
+                 foreach: bool = True, fused: Optional[bool] = None, process_group: Any = None,
+                 comm: Any = None) -> None:
         name = type(self).__name__
+        check_fused(name, fused, foreach)
         check_range(name, "lr", lr, 0.0, lo_open=True)
         check_range(name, "weight_decay", weight_decay, 0.0)
         check_range(name, "eps", eps, 0.0)
@@ -49,7 +53,7 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
         self._reducer = Reducer(name, process_group, comm)
         self._scratch = Scratch()
         defaults = dict(lr=lr, reps_rel=reps_rel, weight_decay=weight_decay, eps=eps,
-                        init_eta=init_eta, foreach=foreach, rbar=None, G=None, eta=None)
+                        init_eta=init_eta, foreach=foreach, fused=fused, rbar=None, G=None, eta=None)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -80,12 +84,17 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
                 lists = [ps, [p.grad for p in ps], [self.state[p]["x0"] for p in ps]]
                 fn = _stats_foreach if group["foreach"] else _stats_loop
                 for owners, views in buckets(lists):
-                    dists, gsqs = fn(*views, wd=group["weight_decay"], first=first, scratch=self._scratch)
-                    units = [size + ids[o] for o in owners] if self.layer_wise else [size] * len(owners)
+                    dists, gsqs = fn(*views, wd=group["weight_decay"], first=first, scratch=self._scratch,
+                                     per_tensor=self.layer_wise)
+                    if self.layer_wise:  # one partial sum per owner
+                        units = [size + ids[o] for o in owners]
+                        slots.extend(units)
+                        slots.extend(u + n_units for u in units)
+                    else:  # partial sums of the one group unit, however many
+                        slots.extend([size] * len(dists))
+                        slots.extend([size + 1] * len(gsqs))
                     parts.extend(dists)
-                    slots.extend(units)
                     parts.extend(gsqs)
-                    slots.extend(u + n_units for u in units)
             plan.append((group, active, first))
             size += 2 * n_units
         if device is None:
@@ -105,7 +114,11 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
             for _, sub in by_device_dtype(len(active), lambda j: params[active[j]]).items():
                 ids = [active[j] for j in sub]
                 ps = [params[i] for i in ids]
-                fn = _update_foreach if group["foreach"] else _update_loop
+                fn = _update_loop
+                if group["foreach"]:
+                    fused = use_fused(type(self).__name__, group.get("fused"), ps[0]) and dense(
+                        ps, [p.grad for p in ps])
+                    fn = _update_fused if fused else _update_foreach
                 for owners, (pv, gv) in buckets([ps, [p.grad for p in ps]]):
                     fn(pv, gv, [etas[ids[o]] if self.layer_wise else etas[0] for o in owners],
                        wd=group["weight_decay"])
@@ -140,16 +153,25 @@ def _as_list(x: Any) -> list[float]:
     return x if isinstance(x, list) else [x]
 
 
-def _stats_foreach(ps: list[Tensor], gs: list[Tensor], x0s: list[Tensor], *, wd: float,
-                   first: bool, scratch: Scratch) -> tuple[list[Tensor], list[Tensor]]:
+def _stats_foreach(ps: list[Tensor], gs: list[Tensor], x0s: list[Tensor], *, wd: float, first: bool,
+                   scratch: Scratch, per_tensor: bool) -> tuple[list[Tensor], list[Tensor]]:
+    gflat = None
     if wd != 0.0:  # L2 penalty, without touching p.grad
-        gs, _ = fresh(scratch, 0, torch._foreach_add, torch.add, gs, ps, alpha=wd)
-    diffs = ps if first else fresh(scratch, 1, torch._foreach_sub, torch.sub, ps, x0s)[0]
-    return sumsq(diffs), sumsq(gs)
+        gs, gflat = fresh(scratch, 0, torch._foreach_add, torch.add, gs, ps, alpha=wd)
+    diffs, dflat = (ps, None) if first else fresh(scratch, 1, torch._foreach_sub, torch.sub, ps, x0s)
+    return _sq(diffs, dflat, per_tensor), _sq(gs, gflat, per_tensor)
 
 
-def _stats_loop(ps: list[Tensor], gs: list[Tensor], x0s: list[Tensor], *, wd: float,
-                first: bool, scratch: Scratch) -> tuple[list[Tensor], list[Tensor]]:
+def _sq(xs: list[Tensor], flat: Optional[Tensor], per_tensor: bool) -> list[Tensor]:
+    """Sums of squares: per tensor, or one for the bucket when the values tile a flat temporary
+    (one reduction instead of one per tensor, and fewer partial sums to pull)."""
+    if flat is not None and not per_tensor:
+        return [dot(flat, flat)]
+    return sumsq(xs)
+
+
+def _stats_loop(ps: list[Tensor], gs: list[Tensor], x0s: list[Tensor], *, wd: float, first: bool,
+                scratch: Scratch, per_tensor: bool) -> tuple[list[Tensor], list[Tensor]]:
     dists, gsqs = [], []
     for p, g, x0 in zip(ps, gs, x0s):
         if wd != 0.0:
@@ -158,6 +180,21 @@ def _stats_loop(ps: list[Tensor], gs: list[Tensor], x0s: list[Tensor], *, wd: fl
         dists.append(dot(diff, diff))
         gsqs.append(dot(g, g))
     return dists, gsqs
+
+
+def _update_fused(ps: list[Tensor], gs: list[Tensor], etas: list[float], *, wd: float) -> None:
+    """p -= eta * (g + wd * p) in one pass: torch's fused SGD kernel (no momentum) is exactly this
+    update, and it leaves the gradients alone without a grad_scale."""
+    if len(set(etas)) == 1:
+        _fused_sgd(ps, gs, etas[0], wd)
+    else:  # LDoG: one step size per tensor
+        for p, g, eta in zip(ps, gs, etas):
+            _fused_sgd([p], [g], eta, wd)
+
+
+def _fused_sgd(ps: list[Tensor], gs: list[Tensor], eta: float, wd: float) -> None:
+    torch._fused_sgd_(ps, gs, [], weight_decay=wd, momentum=0.0, lr=eta, dampening=0.0, nesterov=False,
+                      maximize=False, is_first_step=False)
 
 
 def _update_foreach(ps: list[Tensor], gs: list[Tensor], etas: list[float], *, wd: float) -> None:

@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype,
-                      check_betas, check_range, check_same_across_groups, dot, fresh, l1_total, pull, sum_abs)
+from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype, check_betas,
+                      check_fused, check_range, check_same_across_groups, dense, dot, fresh, l1_total, pull,
+                      scale_add_, sum_abs, use_fused)
 
 # Settings that enter the single optimizer-wide d; they must agree across groups.
 _SHARED = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction",
@@ -30,6 +31,8 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
     must carry the same lr, or 0 to freeze it). ``d_coef`` is the knob to tune.
     Pass ``process_group`` or ``comm`` when each worker holds a different shard
     of the parameters (FSDP/ZeRO); not for replicated (DDP) parameters.
+    ``fused`` (None: where supported) runs the moment and parameter update as
+    torch's fused Adam kernel on contiguous float32/float64 CPU/CUDA tensors.
     """
 
     def __init__(self, params: ParamsT, *, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
@@ -37,7 +40,7 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
                  decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf, slice_p: int = 1, foreach: bool = True,
-                 process_group: Any = None, comm: Any = None) -> None:
+                 fused: Optional[bool] = None, process_group: Any = None, comm: Any = None) -> None:
         name = type(self).__name__
         check_range(name, "lr", lr, 0.0, lo_open=True)
         betas = check_betas(name, betas)
@@ -50,12 +53,13 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
         check_range(name, "growth_rate", growth_rate, 1.0, hi_open=False)
         if not isinstance(slice_p, int) or isinstance(slice_p, bool) or slice_p < 1:
             raise ValueError(f"{name}: invalid slice_p={slice_p!r}; use an integer >= 1 (1 = exact Prodigy)")
+        check_fused(name, fused, foreach)
         self._reducer = Reducer(name, process_group, comm)
         self._scratch = Scratch()
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay,
                         decouple=decouple, use_bias_correction=use_bias_correction,
                         safeguard_warmup=safeguard_warmup, d0=d0, d_coef=d_coef,
-                        growth_rate=growth_rate, slice_p=slice_p, foreach=foreach,
+                        growth_rate=growth_rate, slice_p=slice_p, foreach=foreach, fused=fused,
                         # optimizer-wide scalars, mirrored in every group so that
                         # state_dict() carries them
                         d=d0, d_max=d0, d_numerator=0.0, d_hat=d0, k=0)
@@ -96,33 +100,32 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
         s_coef = (d / d0) * (d if g0["safeguard_warmup"] else dlr)
         coefs = (beta1, d * (1 - beta1), beta2, d * d * (1 - beta2), beta3, s_coef)
 
-        work = []  # (group, params, grads, states) per group with lr > 0
+        work = []  # (group, params, grads, states, fused) per group with lr > 0 and (device, dtype)
         for group in self.param_groups:
             if group["lr"] == 0.0:
                 continue
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                states = [self._init_state(p, beta1, slice_p) for p in params]
-                work.append((group, params, [p.grad for p in params], states))
+            for _, idx in by_device_dtype(len(params), lambda i: params[i]).items():
+                ps = [params[i] for i in idx]
+                # fused Adam needs a first moment to write into (beta1 == 0 keeps the foreach path)
+                gs = [p.grad for p in ps]
+                sts = [self._init_state(p, beta1, slice_p) for p in ps]
+                fused = (group["foreach"] and beta1 > 0 and use_fused(type(self).__name__, group.get("fused"), ps[0])
+                         and dense(ps, gs, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]))
+                work.append((group, ps, gs, sts, fused))
 
         num_parts: list[Tensor] = []
         den_parts: list[Tensor] = []
-        device = None
-        for group, params, grads, states in work:
+        for group, ps, gs, sts, fused in work:
             wd = group["weight_decay"] if not group["decouple"] else 0.0
-            for (dev, _), idx in by_device_dtype(len(params), lambda i: params[i]).items():
-                device = dev
-                ps = [params[i] for i in idx]
-                gs = [grads[i] for i in idx]
-                sts = [states[i] for i in idx]
-                lists = [ps, gs, [s["exp_avg"] for s in sts] if beta1 > 0 else ps,
-                         [s["exp_avg_sq"] for s in sts], [s["s"] for s in sts], [s["p0"] for s in sts]]
-                fn = _stats_foreach if group["foreach"] else _stats_loop
-                for _, views in buckets(lists, limit=None if slice_p == 1 else 0):
-                    fn(*views, wd=wd, coefs=coefs, slice_p=slice_p, num_parts=num_parts, den_parts=den_parts,
-                       scratch=self._scratch)
-        if device is None:
-            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            lists = [ps, gs, [s["exp_avg"] for s in sts] if beta1 > 0 else ps,
+                     [s["exp_avg_sq"] for s in sts], [s["s"] for s in sts], [s["p0"] for s in sts]]
+            fn = _stats_foreach if group["foreach"] else _stats_loop
+            for _, views in buckets(lists, limit=None if slice_p == 1 else 0):
+                fn(*views, wd=wd, coefs=coefs, slice_p=slice_p, num_parts=num_parts, den_parts=den_parts,
+                   scratch=self._scratch, fused=fused)
+        device = work[0][1][0].device if work else next(
+            (p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         delta_num, den = pull([add_total(num_parts, device), add_total(den_parts, device)], device, self._reducer)
         if den == 0.0:
             # no gradient signal anywhere yet: nothing to learn d from, nothing to step
@@ -135,19 +138,20 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
         for group in self.param_groups:
             group.update(d=new_d, d_max=d_max, d_numerator=d_num, d_hat=d_hat, k=k + 1)
 
-        for group, params, grads, states in work:
+        for group, ps, gs, sts, fused in work:
             wd = group["weight_decay"]
+            lists = [ps, gs, [s["exp_avg"] for s in sts] if beta1 > 0 else ps, [s["exp_avg_sq"] for s in sts]]
+            if fused:
+                for _, views in buckets(lists):
+                    _update_fused(*views, d=d, dlr=dlr, betas=(beta1, beta2), eps=new_d * group["eps"],
+                                  wd=wd, decouple=group["decouple"], scratch=self._scratch)
+                continue
             decay = wd * dlr if group["decouple"] else 0.0
             coupled = wd if not group["decouple"] else 0.0
-            for _, idx in by_device_dtype(len(params), lambda i: params[i]).items():
-                sts = [states[i] for i in idx]
-                ps = [params[i] for i in idx]
-                lists = [ps, [grads[i] for i in idx], [s["exp_avg"] for s in sts] if beta1 > 0 else ps,
-                         [s["exp_avg_sq"] for s in sts]]
-                fn = _update_foreach if group["foreach"] else _update_loop
-                for _, views in buckets(lists):
-                    fn(*views, eps=new_d * group["eps"], decay=decay, coupled=coupled,
-                       alpha=dlr if beta1 > 0 else None, grad_alpha=dlr * new_d, scratch=self._scratch)
+            fn = _update_foreach if group["foreach"] else _update_loop
+            for _, views in buckets(lists):
+                fn(*views, eps=new_d * group["eps"], decay=decay, coupled=coupled,
+                   alpha=dlr if beta1 > 0 else None, grad_alpha=dlr * new_d, scratch=self._scratch)
         return loss
 
 
@@ -158,7 +162,8 @@ def _sliced(t: Tensor, slice_p: int) -> Tensor:
 
 def _stats_foreach(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
                    ss: list[Tensor], p0s: list[Tensor], *, wd: float, coefs: tuple[float, ...],
-                   slice_p: int, num_parts: list[Tensor], den_parts: list[Tensor], scratch: Scratch) -> None:
+                   slice_p: int, num_parts: list[Tensor], den_parts: list[Tensor], scratch: Scratch,
+                   fused: bool) -> None:
     b1, c1, b2, c2, b3, c3 = coefs
     if wd != 0.0:  # coupled decay, without touching p.grad
         gs, _ = fresh(scratch, 0, torch._foreach_add, torch.add, gs, ps, alpha=wd)
@@ -170,19 +175,20 @@ def _stats_foreach(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: lis
         num_parts.extend(dot(gsl[i], d) for i, d in zip(full, diff))
     if len(full) < len(p0s):  # parameters that started at zero: p0 = 0
         num_parts.extend(-dot(gsl[i], psl[i]) for i, p0 in enumerate(p0s) if p0.shape != psl[i].shape)
-    if b1 > 0:
-        torch._foreach_mul_(ms, b1)
-        torch._foreach_add_(ms, gs, alpha=c1)
-    torch._foreach_mul_(vs, b2)
-    torch._foreach_addcmul_(vs, gs, gs, value=c2)
-    torch._foreach_mul_(ss, b3)
-    torch._foreach_add_(ss, gsl, alpha=c3)
+    if not fused:  # else the fused Adam kernel updates them after d
+        if b1 > 0:
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, gs, alpha=c1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=c2)
+    scale_add_(ss, gsl, b3, c3, fused=fused)
     den_parts.extend(l1_total(scratch, ss, 1))
 
 
 def _stats_loop(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
                 ss: list[Tensor], p0s: list[Tensor], *, wd: float, coefs: tuple[float, ...],
-                slice_p: int, num_parts: list[Tensor], den_parts: list[Tensor], scratch: Scratch) -> None:
+                slice_p: int, num_parts: list[Tensor], den_parts: list[Tensor], scratch: Scratch,
+                fused: bool) -> None:
     b1, c1, b2, c2, b3, c3 = coefs
     for p, g, m, v, s, p0 in zip(ps, gs, ms, vs, ss, p0s):
         if wd != 0.0:
@@ -194,6 +200,20 @@ def _stats_loop(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[T
         v.mul_(b2).addcmul_(g, g, value=c2)
         s.mul_(b3).add_(gsl, alpha=c3)
         den_parts.extend(sum_abs([s]))
+
+
+def _update_fused(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *, d: float,
+                  dlr: float, betas: tuple[float, float], eps: float, wd: float, decouple: bool,
+                  scratch: Scratch) -> None:
+    """Moments and parameters in one fused Adam pass: Prodigy's update is Adam on the gradient d * g
+    with step dlr and eps d' * eps, its bias correction already in dlr (the kernel's is switched off)."""
+    dg, _ = scratch.like(gs, 0)  # d * g in a cache-resident temporary: p.grad stays untouched
+    torch.ops.aten._foreach_mul.Scalar_out(gs, d, out=dg)
+    # coupled decay: the kernel's L2 term wd' * p with wd' = d * wd gives d * (g + wd * p)
+    kernel = torch._fused_adamw_ if decouple else torch._fused_adam_
+    kernel(ps, dg, ms, vs, [], scratch.no_bias_correction_steps(ps[0].device, len(ps)), lr=dlr,
+           beta1=betas[0], beta2=betas[1], weight_decay=wd if decouple else d * wd, eps=eps,
+           amsgrad=False, maximize=False)
 
 
 def _update_foreach(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], *,
