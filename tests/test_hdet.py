@@ -355,6 +355,10 @@ def test_bad_arguments_name_what_to_change():
         load(REPO / "configs/hdet.yaml", ["algo.converge_every=5", "algo.auto_lr_window=6"])
     with pytest.raises(ConfigError, match="algo.auto_lr_stop"):
         load(REPO / "configs/hdet.yaml", ["algo.auto_lr_stop=-1"])
+    with pytest.raises(ConfigError, match="algo.probe_batches"):
+        load(REPO / "configs/hdet.yaml", ["algo.probe_batches=-1"])
+    with pytest.raises(TypeError, match="probe"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, probe=3)
 
 
 @pytest.mark.timeout(240)
@@ -367,17 +371,20 @@ def test_torchrun_gloo_replicas_identical_after_converge_and_comm_counted(tmp_pa
 
     tiny = ["workload.n_layer=1", "workload.d_model=32", "workload.eval_batches=2", "threads=1"]
     summary = train(2, "configs/hdet.yaml", tmp_path / "run", "steps=40", "eval_every=40", "ckpt_every=0",
-                    "algo.converge_every=10", "algo.auto_lr_warmup=10", *tiny)
+                    "algo.converge_every=10", "algo.auto_lr_warmup=10", "algo.probe_batches=1", *tiny)
     workers = summary["workers"]
     assert len(workers) == 2
     assert workers[0]["eval"]["val_loss"] == workers[1]["eval"]["val_loss"]  # identical parameters
     assert workers[0]["algorithm"]["converges"] == 4
     assert workers[0]["algorithm"]["base_lr"] == workers[1]["algorithm"]["base_lr"]
+    # With a probe the training losses are ignored: finite scores here mean the probe scored both replicas.
+    scores = workers[0]["algorithm"]["last_scores"]
+    assert len(scores) == 2 and all(math.isfinite(x) for x in scores) and scores == workers[1]["algorithm"]["last_scores"]
     lrs = sorted(w["algorithm"]["final_lr"][0] for w in workers)
     assert lrs[0] < lrs[1]  # the replicas still train at different lrs
     n_params = sum(p.numel() for p in GPT(vocab=256, seq_len=64, n_layer=1, n_head=4, d_model=32).parameters())
     expected = 4 * ring_allreduce_bytes(4 * (n_params + 1), 2) + 4 * ring_allreduce_bytes(8 * 2 * 2, 2)
-    for w in workers:  # per converge: one parameter all-reduce (+1 count), one 32-byte loss all-reduce; nothing else
+    for w in workers:  # per converge: one parameter all-reduce (+1 count), one 32-byte loss all-reduce; the probe is local
         assert w["comm"]["collectives"] == 8
         assert w["comm"]["bytes_sent"] == expected
 
@@ -454,3 +461,75 @@ def test_loss_window_counts_only_the_last_steps_of_each_interval():
     late = _scale_run(loss, window=2)[0]
     assert full[0][-1] < 1.0 < late[0][-1]
     assert late[1].log[0]["losses"] != full[1].log[0]["losses"]
+
+
+# -- the probe: shared batches, interval-mean parameters ----------------------------------------------
+def _value(rank: int, step: int) -> float:
+    return 100.0 * rank + step * step  # not linear in the step: the interval's mean differs from its middle
+
+
+def _probe_run(*, with_probe: bool, total=30, every=5, warmup=10, stop=20):
+    """Parameters set by hand each step; the probe records what it sees and favours high multipliers,
+    while the training losses fed to step() favour low ones."""
+
+    def worker(comm):
+        p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        opt = torch.optim.SGD([p], lr=0.1)
+        seen, after = [], []
+
+        def probe(index):
+            seen.append((index, p.item()))
+            return 1.0 - 0.1 * sched.multiplier("lr")
+
+        sched = HDET(opt, max_lr=0.1, total_steps=total, spread=1.0, spacing="log", converge_every=every,
+                     auto_lr_warmup=warmup, auto_lr_mode="scale", auto_lr_stop=stop, auto_lr_beta=0.5,
+                     auto_lr_sigma=0.05, auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1,
+                     probe=probe if with_probe else None)
+        for step in range(total):
+            with torch.no_grad():
+                p.fill_(_value(comm.rank, step))
+            sched.step(1.0 + 0.1 * sched.multiplier("lr"))
+            if (step + 1) % every == 0:
+                after.append(p.item())
+        return seen, after, sched.scale_values("lr")[0]
+
+    return run_local(4, worker)
+
+
+def test_probe_scores_each_replica_at_its_interval_mean_then_averages_the_last_iterates():
+    results = _probe_run(with_probe=True)
+    for rank, (seen, after, _) in enumerate(results):
+        # converges at steps 5, 10, 15, 20, 25, 30 have indices 0..5; the probe runs from the warm-up (10)
+        # to the stop (20) only
+        assert [i for i, _ in seen] == [1, 2, 3]
+        for (index, value), done in zip(seen, (10, 15, 20)):
+            interval = range(done - 5, done)
+            assert value == pytest.approx(sum(_value(rank, s) for s in interval) / 5, rel=1e-12)
+        # the probe's swap is undone: the average is over every replica's last iterate, not its mean
+        for done, value in zip(range(5, 31, 5), after):
+            assert value == pytest.approx(sum(_value(r, done - 1) for r in range(4)) / 4, rel=1e-12)
+
+
+def test_probe_replaces_the_training_losses_as_the_controllers_signal():
+    probed = [r[2] for r in _probe_run(with_probe=True)]
+    trained = [r[2] for r in _probe_run(with_probe=False)]
+    assert len(set(probed)) == 1 and len(set(trained)) == 1  # every replica computes the same c
+    assert probed[0] > 1.0 > trained[0]
+
+
+def test_iterate_mean_restores_the_parameters_when_the_probe_fails():
+    from dtrain.algorithms.hdet_probe import IterateMean
+
+    params = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    mean = IterateMean()
+    for shift in (0.0, 2.0):
+        mean.add([x + shift for x in params])
+
+    def broken(index):
+        assert params[0].tolist() == [2.0, 3.0]  # sees the mean of (x, x + 2)
+        raise RuntimeError("probe failed")
+
+    with pytest.raises(RuntimeError, match="probe failed"):
+        mean.score(params, broken, 0)
+    assert params[0].tolist() == [1.0, 2.0] and params[1].tolist() == [3.0]
+    assert mean.score(params, lambda i: float("nan"), 0) is None  # a non-finite score counts as none

@@ -34,8 +34,19 @@ Options beyond those equations (off by default; `benchmarks/hdet.py` uses them):
   (v = 0; the additive mode's decay goes on) and from step S every multiplier is 1 (fan-in). Stopping
   at the end of the warm-up ramp keeps the controller out of the anneal, where the short-horizon bias
   is strongest (over T steps the lower lr shows the lower loss, though it is not the better peak for
-  the whole run). It does not remove the bias: on char_lm, started at the sweep's best max_lr, the
-  controller still lowers the peak (c ≈ 0.3–0.6 by the end of the ramp; `benchmarks/results/hdet.txt`).
+  the whole run). It does not remove the bias: on char_lm, started at the sweep's best max_lr and
+  scored by training losses, the controller still lowers the peak (`benchmarks/results/hdet.txt`).
+
+- ``probe=fn`` (``algo.probe_batches`` in `dtrain train`): ``fn(converge_index) -> loss`` scores this
+  replica's model on batches that every replica picks the same way (same index, same batches). While
+  the controller steers, each replica is scored by the probe at the mean of its parameters over the
+  interval, instead of by its own training losses: a paired comparison without the batch-to-batch
+  noise, and without the oscillation that makes a larger lr look worse over T steps. It costs one
+  extra copy of the parameters and the probe's forward passes, only while steering. See
+  `dtrain.algorithms.hdet_probe`. On char_lm (`benchmarks/hdet.py`) it turns the controller's pull
+  from downwards to slightly upwards (from the best max_lr: c = 1.7 instead of falling), and from a
+  max_lr 10× too low it finds c = 7.4. What it cannot see is a max_lr 10× too high: the damage is
+  done in the first ~10 steps, where every short comparison still favours the higher lr.
 
 Between converge steps nothing is communicated (the paper's code all-reduces gradients every step;
 ``grad_sync=True`` does that too, for users who want HDET on top of DDP).
@@ -44,13 +55,14 @@ Between converge steps nothing is communicated (the paper's code all-reduces gra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from dtrain.algorithms.base import AttachContext, Attached
 from dtrain.algorithms.hdet_controller import check_hdet_args, decay_rate, multipliers, softmax_weights
 from dtrain.algorithms.hdet_scheduler import HDET
 
-__all__ = ["HDET", "Config", "HDETRun", "attach", "decay_rate", "multipliers", "softmax_weights", "validate"]
+__all__ = ["HDET", "Config", "HDETRun", "attach", "decay_rate", "multipliers", "shared_batch_probe", "softmax_weights",
+           "validate"]
 
 
 # -- `dtrain train` -------------------------------------------------------------------------------
@@ -67,6 +79,7 @@ class Config:
     auto_lr_mode: str = "additive"  # additive (DESIGN's base-lr controller) | scale (c × the OneCycle curve)
     auto_lr_window: int | None = None  # last steps of each interval whose loss counts; None = all T
     auto_lr_stop: int | None = None  # step from which the loss no longer steers (None = never)
+    probe_batches: int = 0  # >0: score replicas on this many shared held-out training batches (see HDET probe)
     spacing: str = "linear"  # multipliers 1 ± a (linear) or (1 + a)^±1 (log)
     explore: list[str] = field(default_factory=lambda: ["lr"])
     per_group: bool = False
@@ -97,6 +110,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"algo.anneal_strategy must be cos or linear, got {cfg.anneal_strategy!r}")
     if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
         raise ValueError("algo.div_factor and algo.final_div_factor must be > 0")
+    if int(cfg.probe_batches) != cfg.probe_batches or cfg.probe_batches < 0:
+        raise ValueError(f"algo.probe_batches must be an integer >= 0 (0 = score replicas by their training losses), got {cfg.probe_batches}")
     if not cfg.explore:
         raise ValueError("algo.explore must list at least one param-group key (e.g. [lr])")
 
@@ -123,7 +138,30 @@ class HDETRun:
         has_lr = any(k.name == "lr" for k in s.knobs)
         return {"converges": s.converges, "multipliers": s.rho, "base_lr": s.base_values("lr") if has_lr else None,
                 "lr_scale": s.scale_values("lr") if has_lr and s.mode == "scale" else None,
-                "final_lr": [g["lr"] for g in s.optimizer.param_groups]}
+                "final_lr": [g["lr"] for g in s.optimizer.param_groups],
+                "last_scores": s.log[-1]["losses"] if s.log else None}
+
+
+def shared_batch_probe(ctx: AttachContext, batches: int) -> Callable[[int], float]:
+    """A probe for the workload: mean loss over ``batches`` training batches no step trains on.
+
+    Batch indices start past the run's last step and depend only on the converge index, so every
+    replica scores itself on the same batches. Evaluated in eval mode (no dropout noise).
+    """
+    if ctx.workload is None:
+        raise ValueError("algo.probe_batches needs a workload to draw probe batches from; set it to 0")
+    workload, model = ctx.workload, ctx.model
+
+    def probe(index: int) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            first = ctx.total_steps + 1 + index * batches
+            return sum(float(workload.loss(model, workload.train_batch(first + i, 0, 1))) for i in range(batches)) / batches
+        finally:
+            model.train(was_training)
+
+    return probe
 
 
 def attach(cfg: Config, ctx: AttachContext) -> Attached:
@@ -138,5 +176,6 @@ def attach(cfg: Config, ctx: AttachContext) -> Attached:
         auto_lr_stop=cfg.auto_lr_stop, spacing=cfg.spacing, explore=list(cfg.explore), per_group=cfg.per_group, reshuffle=cfg.reshuffle,
         average_optimizer_state=cfg.average_optimizer_state, grad_sync=cfg.grad_sync,
         broadcast_init=cfg.broadcast_init, seed=ctx.seed, comm=ctx.comm,
+        probe=shared_batch_probe(ctx, cfg.probe_batches) if cfg.probe_batches else None,
     )
     return Attached(algorithm=HDETRun(scheduler), scheduler=scheduler, scheduler_takes_loss=True)

@@ -5,7 +5,7 @@ See `dtrain.algorithms.hdet` for the method and its equations."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -14,6 +14,7 @@ from dtrain.algorithms.base import optimizer_params
 from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args, decay_rate, multipliers, parse_explore,
                                                softmax_weights, weighted_shift)
 from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps
+from dtrain.algorithms.hdet_probe import IterateMean
 from dtrain.comm.base import Comm
 from dtrain.comm.torch_backend import default_comm
 
@@ -59,6 +60,7 @@ class HDET(LRScheduler):
         grad_sync: bool = False,
         broadcast_init: bool = True,
         seed: int = 0,
+        probe: Callable[[int], float] | None = None,
         comm: Comm | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -86,6 +88,10 @@ class HDET(LRScheduler):
         self.per_group, self.reshuffle = per_group, reshuffle
         self.average_optimizer_state = average_optimizer_state
         self.seed = int(seed)
+        if probe is not None and not callable(probe):
+            raise TypeError(f"probe must be a callable probe(converge_index) -> loss, got {type(probe).__name__}")
+        self.probe = probe
+        self._iterates = IterateMean()  # the probe's point; empty unless probing
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
 
         groups = optimizer.param_groups
@@ -144,6 +150,10 @@ class HDET(LRScheduler):
             if math.isfinite(value) and in_window:
                 self._loss_sum += value
                 self._loss_count += 1
+        if self.last_epoch >= 0:
+            upcoming = -(-(self.last_epoch + 1) // self.converge_every) * self.converge_every
+            if self._probes_at(upcoming):
+                self._iterates.add(optimizer_params(self.optimizer))
         if self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
             self.converge()
         super().step()
@@ -193,6 +203,10 @@ class HDET(LRScheduler):
     def converge(self) -> None:
         """Average the replicas; after the warm-up, update the controller; re-deal the multipliers."""
         done = self.last_epoch + 1
+        probed = None
+        if self._probes_at(done):  # before averaging: each replica's own parameters
+            probed = self._iterates.score(optimizer_params(self.optimizer), self.probe, self.converges)  # type: ignore[arg-type]
+        self._iterates.reset()
         if self.replicas > 1:
             for tensors in _by_dtype(optimizer_params(self.optimizer)):
                 self._average(tensors)
@@ -200,7 +214,7 @@ class HDET(LRScheduler):
                 for tensors in _by_dtype(self._state_tensors()):
                     self._average(tensors)
         if self.auto_lr and done >= self.auto_lr_warmup:
-            self._update_controller(self._share_losses(), done)
+            self._update_controller(self._share_losses(probed), done)
         self._loss_sum, self._loss_count = 0.0, 0
         self.converges += 1
         self._perms = self._draw_permutations(self.converges)
@@ -222,11 +236,20 @@ class HDET(LRScheduler):
             for t in tensors:
                 t.div_(count)
 
-    def _share_losses(self) -> list[float | None]:
-        """Every replica's mean loss over the interval (None: no finite loss fed), one all-reduce."""
+    def steering(self, done: int) -> bool:
+        """Whether the converge step after ``done`` optimizer steps may still move the controller."""
+        return self.auto_lr_stop is None or done <= self.auto_lr_stop
+
+    def _probes_at(self, done: int) -> bool:
+        """Whether the converge step after ``done`` optimizer steps scores the replicas with the probe."""
+        return self.probe is not None and self.auto_lr and done >= self.auto_lr_warmup and self.steering(done)
+
+    def _share_losses(self, probed: float | None = None) -> list[float | None]:
+        """Every replica's loss (the probe's, else its mean over the interval; None: none finite), one all-reduce."""
         buf = torch.zeros(2 * self.replicas, dtype=torch.float64)
-        if self._loss_count:
-            buf[self.rank] = self._loss_sum / self._loss_count
+        mine = probed if self.probe is not None else (self._loss_sum / self._loss_count if self._loss_count else None)
+        if mine is not None:
+            buf[self.rank] = mine
             buf[self.replicas + self.rank] = 1.0
         if self.replicas > 1:
             self.comm.all_reduce([buf], op="sum")
@@ -234,7 +257,7 @@ class HDET(LRScheduler):
 
     def _update_controller(self, losses: list[float | None], done: int) -> None:
         weights = softmax_weights(losses, self.sigma)
-        steering = self.auto_lr_stop is None or done <= self.auto_lr_stop  # afterwards: no loss-driven moves
+        steering = self.steering(done)  # afterwards: no loss-driven moves
         for ki, knob in enumerate(self.knobs):
             for gi, group in enumerate(self.optimizer.param_groups):
                 perm = self._perms[self._perm_key(ki, gi)]

@@ -1,0 +1,60 @@
+"""HDET's probe: each replica's loss on batches every replica shares, at its interval-mean parameters.
+
+Why a probe: without one, replica r's loss is the mean training loss of its own batches, and in data-
+parallel training every replica draws different batches, so the comparison between replicas carries
+the batch-to-batch noise. A probe scores every replica on the same batches (paired comparison).
+
+Why the interval mean: a larger lr oscillates more across steep directions; scored at its last iterate
+it loses a T-step comparison that the anneal would later reverse (short-horizon bias). The mean of the
+interval's iterates removes most of that oscillation, much as the anneal does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+
+class IterateMean:
+    """Running mean of a list of parameters over one converge interval (one extra copy of them).
+
+    Not checkpointed: after a resume mid-interval it covers the steps since the resume.
+    """
+
+    def __init__(self) -> None:
+        self._mean: list[torch.Tensor] = []
+        self.count = 0
+
+    def reset(self) -> None:
+        self._mean, self.count = [], 0
+
+    @torch.no_grad()
+    def add(self, params: list[torch.Tensor]) -> None:
+        if self.count == 0:
+            self._mean = [p.detach().clone() for p in params]
+        else:
+            torch._foreach_lerp_(self._mean, [p.detach() for p in params], 1.0 / (self.count + 1))
+        self.count += 1
+
+    @torch.no_grad()
+    def score(self, params: list[torch.Tensor], probe: Callable[[int], float], index: int) -> float | None:
+        """``probe(index)`` evaluated with the mean in place of ``params`` (restored after, even on error).
+
+        Falls back to the current parameters when nothing was added. None if the loss is not finite.
+        """
+        swap = self.count > 0
+        if swap:
+            self._swap(params)
+        try:
+            value = float(probe(index))
+        finally:
+            if swap:
+                self._swap(params)
+        return value if math.isfinite(value) else None
+
+    def _swap(self, params: list[torch.Tensor]) -> None:
+        # Exchange storages rather than copy: no second copy of the model, and exact on the way back.
+        for p, m in zip(params, self._mean):
+            p.data, m.data = m.data, p.data
