@@ -488,6 +488,7 @@ def _probe_run(*, with_probe: bool, total=30, every=5, warmup=10, stop=20):
         for step in range(total):
             with torch.no_grad():
                 p.fill_(_value(comm.rank, step))
+            opt.step()  # no gradient: leaves p as set
             sched.step(1.0 + 0.1 * sched.multiplier("lr"))
             if (step + 1) % every == 0:
                 after.append(p.item())
