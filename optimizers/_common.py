@@ -174,14 +174,15 @@ def pull(values: Sequence[Tensor], device: torch.device, reducer: Optional[Reduc
 
 def pull_scattered(parts: Sequence[Tensor], slots: Sequence[int], size: int, device: torch.device,
                    reducer: Optional[Reducer]) -> list[float]:
-    """Like :func:`pull`, for partial sums that add into ``size`` totals: parts[i] adds to slot slots[i]."""
+    """Like :func:`pull`, for partial sums that add into ``size`` totals: the entries of the parts, in
+    order (a part is a 0-dim tensor or a 1-D tensor of several), add to the slots ``slots`` in order."""
     dt = acc_dtype(device)
     t = torch.zeros(size, dtype=dt, device=device)
     if parts:
         if all(x.dtype == parts[0].dtype and x.device == device for x in parts):
-            vals = torch.stack(list(parts)).to(dt)  # one conversion, not one per part
+            vals = torch.cat([x.reshape(-1) for x in parts]).to(dt)  # one conversion, not one per part
         else:
-            vals = torch.stack([x.to(device=device, dtype=dt) for x in parts])
+            vals = torch.cat([x.reshape(-1).to(device=device, dtype=dt) for x in parts])
         t.index_add_(0, torch.tensor(list(slots), device=device), vals)
     if reducer is not None and reducer.active:
         reducer.sum_(t)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype, check_betas,
                       check_fused, check_range, check_same_across_groups, dot, fresh, l1_total, pull, scale_add_,
                       sum_abs, use_fused)
@@ -29,8 +30,9 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
     ``layer_scale`` (per group) multiplies that group's step relative to the
     others, since every group must carry the same lr (or 0 to freeze it).
     ``weight_decay`` is an L2 penalty unless ``decouple=True`` (AdamW style).
-    ``fused`` (None: where supported) updates m and s with torch's fused SGD
-    kernel (one pass each) on contiguous float32/float64 CPU/CUDA tensors.
+    ``fused`` (None: where supported) runs the whole step as one native pass
+    (optimizers/csrc) on contiguous float32/float64 CPU tensors, else updates
+    m and s with torch's fused SGD kernel; ``fused=False`` uses neither.
     """
 
     def __init__(self, params: ParamsT, *, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
@@ -95,9 +97,15 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
                          [s["exp_avg_sq"] for s in sts], [s["s"] for s in sts]]
                 n0, m0 = len(num_parts), len(den_parts)
                 fused = group["foreach"] and use_fused(type(self).__name__, group.get("fused"), ps[0])
-                for _, views in buckets(lists):
-                    fn(*views, **opts, num_parts=num_parts, den_parts=den_parts, scratch=self._scratch,
-                       fused=fused)
+                if fused and _native.usable(group.get("fused"), *lists):  # the whole step in one pass
+                    sums = _native.run(_native.DADAPT_ADAM, lists, [opts["eps"], opts["coupled"], opts["decay"],
+                                                                    *opts["coefs"]], nred=2).sum(0)
+                    num_parts.append(sums[0])
+                    den_parts.append(sums[1])
+                else:
+                    for _, views in buckets(lists):
+                        fn(*views, **opts, num_parts=num_parts, den_parts=den_parts, scratch=self._scratch,
+                           fused=fused)
                 if r != 1.0:  # layer_scale weighs this group's share of both sums
                     num_parts[n0:] = [x * r for x in num_parts[n0:]]
                     den_parts[m0:] = [x * r for x in den_parts[m0:]]

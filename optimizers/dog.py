@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, buckets, by_device_dtype, check_fused, check_range,
                       dense, dot, fresh, pull_scattered, sumsq, use_fused)
 
@@ -30,8 +30,9 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
     ``reps_rel`` sets the first distance, reps_rel * (1 + ||x_0||); use 1e-4 with
     batch norm. ``init_eta`` fixes the first step size instead. ``weight_decay``
     is an L2 penalty added to the gradient. Keep ``lr`` (c in the paper) at 1.
-    ``fused`` (None: where supported) runs the update as torch's fused SGD
-    kernel on contiguous float32/float64 CPU/CUDA tensors.
+    ``fused`` (None: where supported) computes the statistics and the update
+    as native passes (optimizers/csrc) on contiguous float32/float64 CPU
+    tensors, else the update as torch's fused SGD kernel; ``fused=False``: neither.
     """
 
     layer_wise = False
@@ -82,6 +83,16 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
                 ids = [active[j] for j in sub]
                 ps = [params[i] for i in ids]
                 lists = [ps, [p.grad for p in ps], [self.state[p]["x0"] for p in ps]]
+                if group["foreach"] and _native.usable(group.get("fused"), *lists):  # one pass, no temporaries
+                    sums = _native.run(_native.DOG_STATS, lists, [group["weight_decay"], float(first)], nred=2)
+                    if self.layer_wise:
+                        units = [size + i for i in ids]
+                        slots.extend(units + [u + n_units for u in units])
+                        parts.append(sums.t().reshape(-1))  # all distances, then all gradient norms
+                    else:
+                        slots.extend([size, size + 1])
+                        parts.extend(sums.sum(0).unbind())
+                    continue
                 fn = _stats_foreach if group["foreach"] else _stats_loop
                 for owners, views in buckets(lists):
                     dists, gsqs = fn(*views, wd=group["weight_decay"], first=first, scratch=self._scratch,
@@ -119,6 +130,10 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
                     fused = use_fused(type(self).__name__, group.get("fused"), ps[0]) and dense(
                         ps, [p.grad for p in ps])
                     fn = _update_fused if fused else _update_foreach
+                    if fused and _native.usable(group.get("fused"), ps, [p.grad for p in ps]):
+                        _native.run(_native.SGD_UPDATE, [ps, [p.grad for p in ps]], [group["weight_decay"], etas[0]],
+                                    per_tensor=[etas[i] for i in ids] if self.layer_wise else None)
+                        continue
                 for owners, (pv, gv) in buckets([ps, [p.grad for p in ps]]):
                     fn(pv, gv, [etas[ids[o]] if self.layer_wise else etas[0] for o in owners],
                        wd=group["weight_decay"])

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype, check_betas,
                       check_fused, check_range, check_same_across_groups, dense, dot, fresh, l1_total, pull,
                       scale_add_, sum_abs, use_fused)
@@ -31,8 +32,9 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
     must carry the same lr, or 0 to freeze it). ``d_coef`` is the knob to tune.
     Pass ``process_group`` or ``comm`` when each worker holds a different shard
     of the parameters (FSDP/ZeRO); not for replicated (DDP) parameters.
-    ``fused`` (None: where supported) runs the moment and parameter update as
-    torch's fused Adam kernel on contiguous float32/float64 CPU/CUDA tensors.
+    ``fused`` (None: where supported) runs the statistics and the update as two
+    native passes (optimizers/csrc) on contiguous float32/float64 CPU tensors,
+    else the update as torch's fused Adam kernel; ``fused=False``: neither.
     """
 
     def __init__(self, params: ParamsT, *, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
@@ -100,7 +102,9 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
         s_coef = (d / d0) * (d if g0["safeguard_warmup"] else dlr)
         coefs = (beta1, d * (1 - beta1), beta2, d * d * (1 - beta2), beta3, s_coef)
 
-        work = []  # (group, params, grads, states, fused) per group with lr > 0 and (device, dtype)
+        # (group, params, grads, states, kind) per group with lr > 0 and (device, dtype);
+        # kind: "native" (our C passes), "fused" (torch's fused Adam) or "plain"
+        work = []
         for group in self.param_groups:
             if group["lr"] == 0.0:
                 continue
@@ -112,18 +116,29 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
                 sts = [self._init_state(p, beta1, slice_p) for p in ps]
                 fused = (group["foreach"] and beta1 > 0 and use_fused(type(self).__name__, group.get("fused"), ps[0])
                          and dense(ps, gs, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]))
-                work.append((group, ps, gs, sts, fused))
+                # native: the statistics and then the whole Adam update as two passes, reading g directly
+                native = fused and slice_p == 1 and _native.usable(
+                    group.get("fused"), ps, gs, *[[s[k] for s in sts] for k in ("exp_avg", "exp_avg_sq", "s")],
+                    [s["p0"] if s["p0"].dim() else None for s in sts])
+                work.append((group, ps, gs, sts, "native" if native else "fused" if fused else "plain"))
 
         num_parts: list[Tensor] = []
         den_parts: list[Tensor] = []
-        for group, ps, gs, sts, fused in work:
+        for group, ps, gs, sts, kind in work:
             wd = group["weight_decay"] if not group["decouple"] else 0.0
             lists = [ps, gs, [s["exp_avg"] for s in sts] if beta1 > 0 else ps,
                      [s["exp_avg_sq"] for s in sts], [s["s"] for s in sts], [s["p0"] for s in sts]]
+            if kind == "native":  # p0 = None: the parameter started at zero
+                sums = _native.run(_native.PRODIGY_STATS, [ps, gs, lists[4], [p0 if p0.dim() else None
+                                                                              for p0 in lists[5]]],
+                                   [wd, coefs[4], coefs[5]], nred=2).sum(0)
+                num_parts.append(sums[0])
+                den_parts.append(sums[1])
+                continue
             fn = _stats_foreach if group["foreach"] else _stats_loop
             for _, views in buckets(lists, limit=None if slice_p == 1 else 0):
                 fn(*views, wd=wd, coefs=coefs, slice_p=slice_p, num_parts=num_parts, den_parts=den_parts,
-                   scratch=self._scratch, fused=fused)
+                   scratch=self._scratch, fused=kind == "fused")
         device = work[0][1][0].device if work else next(
             (p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         delta_num, den = pull([add_total(num_parts, device), add_total(den_parts, device)], device, self._reducer)
@@ -138,10 +153,15 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
         for group in self.param_groups:
             group.update(d=new_d, d_max=d_max, d_numerator=d_num, d_hat=d_hat, k=k + 1)
 
-        for group, ps, gs, sts, fused in work:
+        for group, ps, gs, sts, kind in work:
             wd = group["weight_decay"]
             lists = [ps, gs, [s["exp_avg"] for s in sts] if beta1 > 0 else ps, [s["exp_avg_sq"] for s in sts]]
-            if fused:
+            if kind == "native":
+                _native.run(_native.PRODIGY_UPDATE, lists, [
+                    0.0 if group["decouple"] else wd, beta1, coefs[1], beta2, coefs[3], new_d * group["eps"],
+                    wd * dlr if group["decouple"] else 0.0, dlr])
+                continue
+            if kind == "fused":
                 for _, views in buckets(lists):
                     _update_fused(*views, d=d, dlr=dlr, betas=(beta1, beta2), eps=new_d * group["eps"],
                                   wd=wd, decouple=group["decouple"], scratch=self._scratch)

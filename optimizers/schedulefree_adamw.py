@@ -12,7 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._common import ParamsT, Scratch, buckets, by_device_dtype, check_betas, check_range, fresh
+from . import _native
+from ._common import ParamsT, Scratch, buckets, by_device_dtype, check_betas, check_fused, check_range, fresh
 from ._schedulefree import ScheduleFreeBase
 
 
@@ -28,8 +29,9 @@ class ScheduleFreeAdamW(ScheduleFreeBase):
 
     def __init__(self, params: ParamsT, *, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
-                 weight_lr_power: float = 2.0, foreach: bool = True) -> None:
+                 weight_lr_power: float = 2.0, foreach: bool = True, fused: Optional[bool] = None) -> None:
         name = type(self).__name__
+        check_fused(name, fused, foreach)
         check_range(name, "lr", lr, 0.0)
         betas = check_betas(name, betas)
         if betas[0] == 0.0:
@@ -41,7 +43,7 @@ class ScheduleFreeAdamW(ScheduleFreeBase):
         check_range(name, "r", r, 0.0)
         check_range(name, "weight_lr_power", weight_lr_power, 0.0)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                        r=r, weight_lr_power=weight_lr_power, foreach=foreach, k=0, train_mode=True,
+                        r=r, weight_lr_power=weight_lr_power, foreach=foreach, fused=fused, k=0, train_mode=True,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
         self._scratch = Scratch()
@@ -77,6 +79,12 @@ class ScheduleFreeAdamW(ScheduleFreeBase):
                 ps = [params[i] for i in idx]
                 lists = [ps, [p.grad for p in ps], [self.state[p]["z"] for p in ps],
                          [self.state[p]["exp_avg_sq"] for p in ps]]
+                if group["foreach"] and _native.usable(group.get("fused"), *lists):  # v, z and y in one pass
+                    _native.run(_native.SFADAMW, lists, [
+                        beta2, 1 - beta2, coefs["eps"], coefs["z_g"], coefs["z_y"], coefs["y_keep"], ckp1,
+                        coefs["y_g"], float(coefs["y_keep"] == 1.0 - ckp1)])  # last: lerp form, as foreach
+                    continue
+                _native.refuse(type(self).__name__, group.get("fused"), ps[0])
                 for _, views in buckets(lists):
                     fn(*views, **coefs, scratch=self._scratch)
             group["k"] = k + 1

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._common import ParamsT, Scratch, buckets, by_device_dtype, check_range, fresh
+from . import _native
+from ._common import ParamsT, Scratch, buckets, by_device_dtype, check_fused, check_range, fresh
 from ._schedulefree import ScheduleFreeBase
 
 
@@ -20,14 +21,18 @@ class ScheduleFreeSGD(ScheduleFreeBase):
 
     ``momentum`` is the interpolation constant between z and x (0.9 is the
     published default); ``weight_decay`` is an L2 penalty taken at y.
+    ``fused`` (None: where supported) runs the step as one native pass
+    (optimizers/csrc) on contiguous float32/float64 CPU tensors; ``fused=False``
+    keeps the foreach path; ``fused=True`` insists on the native pass.
     """
 
     _beta_key = "momentum"
 
     def __init__(self, params: ParamsT, *, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
-                 foreach: bool = True) -> None:
+                 foreach: bool = True, fused: Optional[bool] = None) -> None:
         name = type(self).__name__
+        check_fused(name, fused, foreach)
         check_range(name, "lr", lr, 0.0)
         check_range(name, "momentum", momentum, 0.0, 1.0, lo_open=True)
         check_range(name, "weight_decay", weight_decay, 0.0)
@@ -36,7 +41,7 @@ class ScheduleFreeSGD(ScheduleFreeBase):
         check_range(name, "r", r, 0.0)
         check_range(name, "weight_lr_power", weight_lr_power, 0.0)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                        r=r, weight_lr_power=weight_lr_power, foreach=foreach, k=0, train_mode=True,
+                        r=r, weight_lr_power=weight_lr_power, foreach=foreach, fused=fused, k=0, train_mode=True,
                         weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
         super().__init__(params, defaults)
         self._scratch = Scratch()
@@ -60,7 +65,12 @@ class ScheduleFreeSGD(ScheduleFreeBase):
             fn = _step_foreach if group["foreach"] else _step_loop
             for _, idx in by_device_dtype(len(params), lambda i: params[i]).items():
                 ps = [params[i] for i in idx]
-                for _, views in buckets([ps, [p.grad for p in ps], [self.state[p]["z"] for p in ps]]):
+                lists = [ps, [p.grad for p in ps], [self.state[p]["z"] for p in ps]]
+                if group["foreach"] and _native.usable(group.get("fused"), *lists):  # y and z in one pass
+                    _native.run(_native.SFSGD, lists, [coefs["wd"], coefs["lr"], coefs["ckp1"], coefs["y_n"]])
+                    continue
+                _native.refuse(type(self).__name__, group.get("fused"), ps[0])
+                for _, views in buckets(lists):
                     fn(*views, **coefs, scratch=self._scratch)
             group["k"] += 1
         return loss
