@@ -9,12 +9,16 @@ data stream:
 - HDET (ours) from those same wrong values, with the scale controller (c × the OneCycle curve,
   log-spaced multipliers, the controller steers during the warm-up ramp, then fan-in to ρ = 1), in
   two forms: with a gradient all-reduce every step (``grad_sync``, the paper's own code) and
-  low-communication (replicas train apart, parameters averaged every T steps);
-- diagnostics (skip with --no-diagnostics): HDET started at the sweep's best lr, with the controller
-  on (does it stay there?) and with it frozen (λ = 0: what exploring and training apart cost alone).
+  low-communication (replicas train apart, parameters averaged every T steps). Replicas are scored by
+  the probe (one shared held-out batch, at each replica's interval-mean parameters);
+- ablation: HDET with grad sync scored by its own training losses (no probe), from both wrong values;
+- diagnostics (skip with --no-diagnostics): HDET with grad sync started at the sweep's best lr, with the
+  controller on, with and without the probe (does it stay there?) and with it frozen (λ = 0: what exploring alone costs); low-comm
+  HDET at the best lr with no spread (what training apart costs); the sweep's best point with the next
+  seed (how far a run's seed alone moves the result).
 
-Compute is counted in worker-steps: one HDET run (4 replicas × steps) against the whole sweep's
-total. Communication is read from the Comm's own counters (bytes and collectives per worker).
+Compute is counted in worker-steps: one HDET run (4 replicas × steps, plus the probe's forward passes
+at 1/3 of a step each) against the whole sweep's total. Communication is read from the Comm's own counters (bytes and collectives per worker).
 
     .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full, 6 to 25 min here, by load)
     .venv/bin/python benchmarks/hdet.py --quick                               (smoke, ~3 min)
@@ -32,7 +36,8 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.ddp import DDP
-from dtrain.algorithms.hdet import HDET
+from dtrain.algorithms.base import AttachContext
+from dtrain.algorithms.hdet import HDET, shared_batch_probe
 from dtrain.comm.local import run_local
 from dtrain.optim import param_groups
 from dtrain.workloads.char_lm import Config as CharConfig
@@ -44,17 +49,28 @@ MAX_EXTRA_POINTS = 3
 ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
 
 
-def hdet_settings(steps: int, *, grad_sync: bool) -> dict[str, Any]:
+def hdet_settings(steps: int, *, grad_sync: bool, probe: bool = True) -> dict[str, Any]:
     """One setting for both wrong starts and both forms (no per-case tuning).
 
     The scale controller multiplies the OneCycle curve by c; it steers from the first converge to the
-    end of the warm-up ramp (pct_start), where the loss signal is strong and not yet dominated by the
-    short-horizon bias towards small lrs; then every replica runs c × the curve's cosine anneal.
+    end of the warm-up ramp (pct_start), then every replica runs c × the curve's cosine anneal. With
+    the probe (default) replicas are scored on one shared held-out batch at their interval-mean
+    parameters, every 5% of the run; without it (the earlier form, kept as an ablation) by their own
+    training losses, every 1/60 of the run.
     """
-    every = max(2, steps // 60)
+    every = max(2, steps // 20) if probe else max(2, steps // 60)
     return dict(spread=1.0, spacing="log", converge_every=every, auto_lr_warmup=every, auto_lr_mode="scale",
                 auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5, auto_lr_sigma=0.03,
-                auto_lr_gain=1.0, per_group=False, grad_sync=grad_sync)
+                auto_lr_gain=1.0, per_group=False, grad_sync=grad_sync, probe_batches=1 if probe else 0)
+
+
+def probe_steps(hdet: dict[str, Any] | None, steps: int) -> float:
+    """Worker-step equivalents of the probe's forward passes (a forward ≈ 1/3 of a training step)."""
+    if not hdet or not hdet.get("probe_batches") or not hdet.get("spread"):  # spread 0: no controller, no probe
+        return 0.0
+    every, warmup, stop = hdet["converge_every"], hdet["auto_lr_warmup"], hdet["auto_lr_stop"]
+    probes = sum(1 for done in range(every, steps + 1, every) if warmup <= done and (stop is None or done <= stop))
+    return WORKERS * probes * hdet["probe_batches"] / 3
 
 
 def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int,
@@ -68,7 +84,12 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
             sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, **ONECYCLE)
         else:
             hook = None
-            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **(hdet or {}), seed=seed, comm=comm)
+            settings = dict(hdet or {})
+            probe_batches = settings.pop("probe_batches", 0)
+            ctx = AttachContext(model=model, optimizer=opt, comm=comm, seed=seed, total_steps=steps, lr=max_lr,
+                                workload=workload)
+            probe = shared_batch_probe(ctx, probe_batches) if probe_batches else None
+            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **settings, seed=seed, probe=probe, comm=comm)
         start, t0, lrs, nonfinite = comm.stats.copy(), time.perf_counter(), [], 0
         for step in range(steps):
             lrs.append(opt.param_groups[0]["lr"])
@@ -97,7 +118,7 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
 
     results = run_local(WORKERS, worker, timeout=3600)
     r0 = results[0]
-    return {"kind": kind, "max_lr": max_lr, "steps": steps, "worker_steps": WORKERS * steps,
+    return {"kind": kind, "max_lr": max_lr, "steps": steps, "worker_steps": WORKERS * steps + probe_steps(hdet, steps),
             "val_loss": r0["val_loss"], "val_loss_per_worker": [r["val_loss"] for r in results],
             "bytes_sent_per_worker": max(r["comm"]["bytes_sent"] for r in results),
             "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
@@ -107,13 +128,13 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
 
 
 def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes: int) -> str:
-    head = f"{'system':<40}{'max_lr':>9}{'val_loss':>10}{'vs best':>9}{'compute':>9}{'MB sent/wkr':>13}{'coll/wkr':>10}{'bytes vs DDP':>14}"
+    head = f"{'system':<42}{'max_lr':>9}{'val_loss':>10}{'vs best':>9}{'compute':>9}{'MB sent/wkr':>13}{'coll/wkr':>10}{'bytes vs DDP':>14}"
     lines = [head, "-" * len(head)]
     for r in rows:
         val = r["val_loss"]
         gap = f"{100 * (val / best - 1):+.1f}%" if math.isfinite(val) else "n/a"
-        compute = f"{r['worker_steps'] / sweep_compute:.2f}"
-        lines.append(f"{r['label']:<40}{r['max_lr']:>9.2e}{val:>10.4f}{gap:>9}{compute:>9}"
+        compute = f"{r['worker_steps'] / sweep_compute:.3f}"
+        lines.append(f"{r['label']:<42}{r['max_lr']:>9.2e}{val:>10.4f}{gap:>9}{compute:>9}"
                      f"{r['bytes_sent_per_worker'] / 1e6:>13.2f}{r['collectives_per_worker']:>10}"
                      f"{r['bytes_sent_per_worker'] / ddp_bytes:>14.3f}")
     return "\n".join(lines)
@@ -134,11 +155,12 @@ def main() -> None:
     workload = build(wcfg, seed=args.seed)
     t_start = time.perf_counter()
 
-    def go(label: str, kind: str, lr: float, hdet: dict[str, Any] | None = None) -> dict[str, Any]:
-        r = run_system(workload, kind=kind, max_lr=lr, steps=steps, seed=args.seed, hdet=hdet)
+    def go(label: str, kind: str, lr: float, hdet: dict[str, Any] | None = None, seed: int = args.seed) -> dict[str, Any]:
+        wl = workload if seed == args.seed else build(wcfg, seed=seed)
+        r = run_system(wl, kind=kind, max_lr=lr, steps=steps, seed=seed, hdet=hdet)
         r["label"] = label
         extra = f"  c {r['scale']:.3f} -> peak {r['peak_lr']:.2e}" if r.get("scale") is not None else ""
-        print(f"  {label:<40} max_lr {lr:.2e}  val_loss {r['val_loss']:.4f}  ({r['train_s']:.0f}s){extra}", flush=True)
+        print(f"  {label:<42} max_lr {lr:.2e}  val_loss {r['val_loss']:.4f}  ({r['train_s']:.0f}s){extra}", flush=True)
         return r
 
     def loss_of(r: dict[str, Any]) -> float:
@@ -163,11 +185,18 @@ def main() -> None:
     for sync, form in ((True, "grad sync"), (False, "low-comm")):
         for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
             rows.append(go(f"HDET {form}, auto-LR from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=sync)))
+    for factor, name in ((10.0, "10x high"), (0.1, "10x low")):  # ablation: the controller without the probe
+        rows.append(go(f"HDET grad sync, no probe, from {name}", "hdet", best_lr * factor,
+                       hdet_settings(steps, grad_sync=True, probe=False)))
     if not args.no_diagnostics:  # why not: start HDET at the right lr
         rows.append(go("diag: HDET grad sync from best lr", "hdet", best_lr, hdet_settings(steps, grad_sync=True)))
-        for sync, form in ((True, "grad sync"), (False, "low-comm")):
-            frozen = dict(hdet_settings(steps, grad_sync=sync), auto_lr_gain=0.0)  # explores, c stays 1
-            rows.append(go(f"diag: HDET {form}, best lr, c frozen", "hdet", best_lr, frozen))
+        rows.append(go("diag: HDET grad sync, no probe, from best lr", "hdet", best_lr,
+                       hdet_settings(steps, grad_sync=True, probe=False)))
+        frozen = dict(hdet_settings(steps, grad_sync=True), auto_lr_gain=0.0)  # explores, c stays 1
+        rows.append(go("diag: HDET grad sync, best lr, c frozen", "hdet", best_lr, frozen))
+        apart = dict(hdet_settings(steps, grad_sync=False), spread=0.0)  # no exploring: what training apart costs
+        rows.append(go("diag: HDET low-comm, best lr, spread 0", "hdet", best_lr, apart))
+        rows.append(go("diag: OneCycleLR+DDP best lr, next seed", "onecycle", best_lr, seed=args.seed + 1))
     sweep_compute = sum(r["worker_steps"] for r in sweep)
     ddp_bytes = best["bytes_sent_per_worker"]
     text = table(rows, best["val_loss"], sweep_compute, ddp_bytes)
@@ -175,12 +204,13 @@ def main() -> None:
     hd = [r for r in rows if r["kind"] == "hdet" and not r["label"].startswith("diag")]
     verdict = [f"{r['label']}: {100 * (r['val_loss'] / best['val_loss'] - 1):+.2f}% vs sweep best "
                f"({'within' if r['val_loss'] <= 1.03 * best['val_loss'] else 'NOT within'} 3%), compute "
-               f"{r['worker_steps'] / sweep_compute:.2f} of the sweep, bytes {r['bytes_sent_per_worker'] / ddp_bytes:.2f}x DDP, "
+               f"{r['worker_steps'] / sweep_compute:.3f} of the sweep, bytes {r['bytes_sent_per_worker'] / ddp_bytes:.2f}x DDP, "
                f"c = {r['scale']:.3f}: peak lr {r['peak_lr']:.2e} (sweep best {best_lr:.2e})" for r in hd]
     notes = (f"compute = worker-steps / the whole sweep's ({len(sweep)} points x {WORKERS} workers x {steps} steps); "
              f"bytes vs DDP = bytes sent per worker / the DDP run's. HDET: {hdet_settings(steps, grad_sync=True)} "
-             f"(low-comm: grad_sync False; 'c frozen': auto_lr_gain 0, so the replicas explore x1/2..x2 "
-             f"until auto_lr_stop and the curve is never scaled). OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
+             f"(low-comm: grad_sync False; 'no probe': {hdet_settings(steps, grad_sync=True, probe=False)}; "
+             f"'c frozen': auto_lr_gain 0, so the replicas explore x1/2..x2 until auto_lr_stop and the curve is never scaled). "
+             f"Compute counts the probe's forward passes as 1/3 of a step each. OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
              f"{steps} steps, n_layer={wcfg.n_layer}, d_model={wcfg.d_model}, batch {wcfg.batch_size} per worker. "
              f"Total {time.perf_counter() - t_start:.0f}s.")
     report = text + "\n\n" + sweep_text + "\n\n" + "\n".join(verdict) + "\n\n" + notes
