@@ -534,3 +534,96 @@ def test_iterate_mean_restores_the_parameters_when_the_probe_fails():
         mean.score(params, broken, 0)
     assert params[0].tolist() == [1.0, 2.0] and params[1].tolist() == [3.0]
     assert mean.score(params, lambda i: float("nan"), 0) is None  # a non-finite score counts as none
+
+
+# -- the selection start: replicas apart at c = range^u, then everyone takes the best one ---------------
+def _select_run(*, grad_sync: bool, use_probe: bool, total: int = 40, select: int = 10):
+    best = 10 ** (1 / 3)  # the third replica's factor (factors 10^u, u = -1, -1/3, 1/3, 1)
+
+    def worker(comm):
+        p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt, ref_opt = torch.optim.SGD([p], lr=0.1, momentum=0.9), _opt("sgd")
+        ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=total, cycle_momentum=False)
+
+        def score(index=None):  # lowest for the replica whose factor is `best`
+            return abs(math.log(sched.multiplier("lr") / best))
+
+        sched = HDET(opt, max_lr=0.1, total_steps=total, spread=0.5, spacing="log", converge_every=5,
+                     auto_lr_warmup=5, auto_lr_mode="scale", auto_lr_stop=select, select_steps=select,
+                     select_range=10.0, cycle_momentum=False, grad_sync=grad_sync, comm=comm, seed=1,
+                     probe=score if use_probe else None)
+        start = comm.stats.collectives
+        factors, snapshot, taken, apart_collectives, mid = [], None, None, None, None
+        for step in range(total):
+            factors.append(opt.param_groups[0]["lr"] / ref_opt.param_groups[0]["lr"])
+            p.grad = torch.full_like(p, 1.0 + comm.rank)  # replicas see different gradients
+            loss = score()
+            opt.step(), ref_opt.step()
+            if step == select - 1:
+                snapshot = (p.detach().clone(), opt.state[p]["momentum_buffer"].clone())
+                apart_collectives = comm.stats.collectives - start
+            sched.step(loss), ref.step()
+            if step == select - 1:
+                taken = (p.detach().clone(), opt.state[p]["momentum_buffer"].clone())
+            if step == select + 2:
+                mid = p.detach().clone()
+        sched.remove()
+        return factors, snapshot, taken, apart_collectives, mid, sched.log[0], sched.scale_values("lr")[0]
+
+    return run_local(4, worker)
+
+
+@pytest.mark.parametrize("use_probe", [True, False])
+@pytest.mark.parametrize("grad_sync", [False, True])
+def test_selection_start_runs_replicas_apart_then_all_take_the_best(use_probe, grad_sync):
+    results = _select_run(grad_sync=grad_sync, use_probe=use_probe)
+    factors = multipliers(4, 9.0, spacing="log")
+    assert factors[2] == pytest.approx(10 ** (1 / 3), rel=1e-12)
+    winner_p, winner_buf = results[2][1]
+    for rank, (seen, snapshot, taken, apart, mid, entry, c) in enumerate(results):
+        assert all(f == pytest.approx(factors[rank], rel=1e-12) for f in seen[:10])  # apart: c = 10^u_r
+        assert apart == 0  # nothing sent while apart: no averaging, no gradient sync
+        assert entry["selected"] == 2 and c == pytest.approx(factors[2], rel=1e-12)
+        assert torch.equal(taken[0], winner_p) and torch.equal(taken[1], winner_buf)  # parameters and state
+        assert all(f == pytest.approx(factors[2], rel=1e-12) for f in seen[10:])  # then c × the curve, ρ = 1
+    mids = [r[4] for r in results]
+    # with grad sync the replicas stay identical between converges; without it they drift apart again
+    assert all(torch.equal(m, mids[0]) for m in mids) == grad_sync
+
+
+def test_selection_start_resumes_with_its_factor_and_gradient_sync():
+    def worker(comm):
+        def build():
+            p = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+            opt = torch.optim.SGD([p], lr=0.1)
+            return opt, HDET(opt, max_lr=0.1, total_steps=30, spread=0.5, spacing="log", converge_every=5,
+                             auto_lr_mode="scale", select_steps=10, auto_lr_stop=10, cycle_momentum=False,
+                             grad_sync=True, comm=comm, seed=1)
+
+        opt, sched = build()
+        assert sched._grad_sync is None  # not before the selection
+        for step in range(12):
+            opt.step(), sched.step(float(comm.rank))  # rank 0 reports the lowest loss
+        state = sched.state_dict()
+        sched.remove()
+        opt2, again = build()
+        again.load_state_dict(state)
+        out = again._grad_sync is not None, again.scale_values("lr")[0], opt.param_groups[0]["lr"]
+        again.remove()
+        return out
+
+    for hooked, c, lr in run_local(2, worker):
+        assert hooked and c == pytest.approx(0.1, rel=1e-12) and lr > 0
+
+
+def test_selection_start_arguments_are_checked():
+    with pytest.raises(ValueError, match="select_steps"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, auto_lr_mode="scale", select_steps=10)
+    with pytest.raises(ValueError, match="select_range"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, auto_lr_mode="scale", select_steps=5, select_range=1.0)
+    with pytest.raises(ValueError, match="auto_lr_mode='scale'"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, select_steps=5)
+    with pytest.raises(ConfigError, match="algo.select_steps"):
+        load(REPO / "configs/hdet.yaml", ["algo.select_steps=5"])  # the config's mode is additive
+    with pytest.raises(ConfigError, match="algo.select_range"):
+        load(REPO / "configs/hdet.yaml", ["algo.auto_lr_mode=scale", "algo.select_steps=5", "algo.select_range=0.5"])

@@ -48,6 +48,18 @@ Options beyond those equations (off by default; `benchmarks/hdet.py` uses them):
   max_lr 10× too low it finds c = 7.4. What it cannot see is a max_lr 10× too high: the damage is
   done in the first ~10 steps, where every short comparison still favours the higher lr.
 
+- ``select_steps=S`` with ``select_range=R`` (scale mode): a selection start. Until step S the
+  replicas train apart (no averaging, no gradient sync, nothing sent) at c = R^u_r, u_r evenly in
+  [−1, 1] (R = 10, 4 replicas: ×1/10, ×0.46, ×2.15, ×10 of the whole OneCycle curve); at step S each
+  is scored (probe at its current parameters, else its last interval's training losses), and every
+  replica takes the best one's parameters, optimizer state tensors and c, then training goes on as
+  usual (gradient sync, if asked for, starts there). Why: a max_lr that is too high does its damage
+  in the first few steps, and a comparison between replicas that were averaged every T steps cannot
+  see it (all share the damage); replicas that ran apart from step 0 can — on char_lm at S = 10% the
+  too-high ones have stalled. Set ``auto_lr_stop=S`` to stop exploring there (what
+  `benchmarks/hdet.py` measures), or later to let the controller refine c. Per-group scalars of the
+  optimizer (Prodigy's d, for example) are not copied.
+
 Between converge steps nothing is communicated (the paper's code all-reduces gradients every step;
 ``grad_sync=True`` does that too, for users who want HDET on top of DDP).
 """
@@ -58,7 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dtrain.algorithms.base import AttachContext, Attached
-from dtrain.algorithms.hdet_controller import check_hdet_args, decay_rate, multipliers, softmax_weights
+from dtrain.algorithms.hdet_controller import check_hdet_args, check_select_args, decay_rate, multipliers, softmax_weights
 from dtrain.algorithms.hdet_scheduler import HDET
 
 __all__ = ["HDET", "Config", "HDETRun", "attach", "decay_rate", "multipliers", "shared_batch_probe", "softmax_weights",
@@ -80,6 +92,8 @@ class Config:
     auto_lr_window: int | None = None  # last steps of each interval whose loss counts; None = all T
     auto_lr_stop: int | None = None  # step from which the loss no longer steers (None = never)
     probe_batches: int = 0  # >0: score replicas on this many shared held-out training batches (see HDET probe)
+    select_steps: int = 0  # >0: replicas start apart at c = select_range^u (u in [-1, 1]); the best is taken here
+    select_range: float = 10.0  # how far off max_lr may be, either way, for the selection start
     spacing: str = "linear"  # multipliers 1 ± a (linear) or (1 + a)^±1 (log)
     explore: list[str] = field(default_factory=lambda: ["lr"])
     per_group: bool = False
@@ -110,6 +124,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"algo.anneal_strategy must be cos or linear, got {cfg.anneal_strategy!r}")
     if cfg.div_factor <= 0 or cfg.final_div_factor <= 0:
         raise ValueError("algo.div_factor and algo.final_div_factor must be > 0")
+    try:
+        check_select_args(cfg.select_steps, cfg.select_range, mode=cfg.auto_lr_mode, total=2**62)
+    except ValueError as e:
+        raise ValueError(f"algo.{e}") from None
     if int(cfg.probe_batches) != cfg.probe_batches or cfg.probe_batches < 0:
         raise ValueError(f"algo.probe_batches must be an integer >= 0 (0 = score replicas by their training losses), got {cfg.probe_batches}")
     if not cfg.explore:
@@ -177,5 +195,6 @@ def attach(cfg: Config, ctx: AttachContext) -> Attached:
         average_optimizer_state=cfg.average_optimizer_state, grad_sync=cfg.grad_sync,
         broadcast_init=cfg.broadcast_init, seed=ctx.seed, comm=ctx.comm,
         probe=shared_batch_probe(ctx, cfg.probe_batches) if cfg.probe_batches else None,
+        select_steps=cfg.select_steps, select_range=cfg.select_range,
     )
     return Attached(algorithm=HDETRun(scheduler), scheduler=scheduler, scheduler_takes_loss=True)

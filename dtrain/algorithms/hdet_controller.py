@@ -88,6 +88,16 @@ def check_hdet_args(
         raise ValueError(f"auto_lr_stop must be >= 0 or null, got {stop}")
 
 
+def check_select_args(steps: int, value_range: float, *, mode: str, total: int) -> None:
+    """ValueError naming the selection-start argument to change."""
+    if int(steps) != steps or not 0 <= steps < total:
+        raise ValueError(f"select_steps must be an integer in [0, total_steps={total}), got {steps}")
+    if steps and not value_range > 1:
+        raise ValueError(f"select_range must be > 1 (replicas start at c = range^u, u in [-1, 1]), got {value_range}")
+    if steps and mode != "scale":
+        raise ValueError("select_steps needs auto_lr_mode='scale' (the winner's factor c scales the schedule)")
+
+
 # -- explored hyperparameters -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Knob:

@@ -11,8 +11,8 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from dtrain.algorithms.base import optimizer_params
-from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args, decay_rate, multipliers, parse_explore,
-                                               softmax_weights, weighted_shift)
+from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args, check_select_args, decay_rate,
+                                               multipliers, parse_explore, softmax_weights, weighted_shift)
 from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps
 from dtrain.algorithms.hdet_probe import IterateMean
 from dtrain.comm.base import Comm
@@ -61,6 +61,8 @@ class HDET(LRScheduler):
         broadcast_init: bool = True,
         seed: int = 0,
         probe: Callable[[int], float] | None = None,
+        select_steps: int = 0,
+        select_range: float = 10.0,
         comm: Comm | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -92,6 +94,10 @@ class HDET(LRScheduler):
             raise TypeError(f"probe must be a callable probe(converge_index) -> loss, got {type(probe).__name__}")
         self.probe = probe
         self._iterates = IterateMean()  # the probe's point; empty unless probing
+        check_select_args(select_steps, select_range, mode=auto_lr_mode, total=self.total_steps)
+        self.select_steps = int(select_steps) if self.auto_lr else 0
+        # the selection start: replica r runs c = range^u_r (u_r evenly in [−1, 1]) until select_steps
+        self._select_rho = multipliers(self.replicas, float(select_range) - 1.0, spacing="log")
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
 
         groups = optimizer.param_groups
@@ -130,10 +136,9 @@ class HDET(LRScheduler):
         self._perms = self._draw_permutations(0)
 
         self._grad_sync = None
-        if grad_sync and self.replicas > 1:
-            from dtrain.algorithms.ddp import DDP
-
-            self._grad_sync = DDP(optimizer, self.comm, broadcast_init=False)
+        self._wants_grad_sync = grad_sync and self.replicas > 1
+        if self._wants_grad_sync and not self.select_steps:  # with a selection start: from the selection on
+            self._start_grad_sync()
         if broadcast_init and self.replicas > 1 and last_epoch == -1:
             with torch.no_grad():
                 for tensors in _by_dtype(optimizer_params(optimizer)):
@@ -154,7 +159,9 @@ class HDET(LRScheduler):
             upcoming = -(-(self.last_epoch + 1) // self.converge_every) * self.converge_every
             if self._probes_at(upcoming):
                 self._iterates.add(optimizer_params(self.optimizer))
-        if self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
+        if self.select_steps and self.last_epoch + 1 == self.select_steps:
+            self.select()
+        elif self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
             self.converge()
         super().step()
 
@@ -201,8 +208,13 @@ class HDET(LRScheduler):
     # -- converge ------------------------------------------------------------------------------
     @torch.no_grad()
     def converge(self) -> None:
-        """Average the replicas; after the warm-up, update the controller; re-deal the multipliers."""
+        """Average the replicas; after the warm-up, update the controller; re-deal the multipliers.
+
+        During a selection start there is nothing to average: replicas run apart until ``select``."""
         done = self.last_epoch + 1
+        if done < self.select_steps:
+            self._loss_sum, self._loss_count = 0.0, 0
+            return
         probed = None
         if self._probes_at(done):  # before averaging: each replica's own parameters
             probed = self._iterates.score(optimizer_params(self.optimizer), self.probe, self.converges)  # type: ignore[arg-type]
@@ -218,6 +230,41 @@ class HDET(LRScheduler):
         self._loss_sum, self._loss_count = 0.0, 0
         self.converges += 1
         self._perms = self._draw_permutations(self.converges)
+
+    @torch.no_grad()
+    def select(self) -> None:
+        """End of the selection start: every replica takes the best replica's parameters, optimizer state
+        and factor c (its ρ), then training goes on as usual (grad sync, if asked for, starts here).
+
+        Replicas are scored by the probe at their current parameters (they ran apart from step 0, so
+        whole trajectories are compared; a max_lr that is too high shows as a stalled loss by now), or
+        without a probe by the mean training loss of the last interval.
+        """
+        probed = self.probe(self.converges) if self.probe is not None else None
+        losses = self._share_losses(None if probed is None or not math.isfinite(float(probed)) else float(probed))
+        scored = [(x, r) for r, x in enumerate(losses) if x is not None]
+        winner = min(scored)[1] if scored else 0
+        for tensors in _by_dtype(optimizer_params(self.optimizer)):
+            self.comm.broadcast(tensors, src=winner)
+        for tensors in _by_dtype(self._state_tensors(scalars=True)):
+            self.comm.broadcast(tensors, src=winner)
+        shift = math.log(self._select_rho[winner])
+        self._log_scale = [[x + shift for x in row] for row in self._log_scale]
+        self.log.append({"step": self.select_steps, "losses": losses, "selected": winner,
+                         "base": {k.name: self.base_values(k.name) for k in self.knobs},
+                         "scale": {k.name: [math.exp(x) for x in row] for k, row in zip(self.knobs, self._log_scale)}})
+        self._loss_sum, self._loss_count = 0.0, 0
+        self._iterates.reset()
+        self.converges += 1
+        self._perms = self._draw_permutations(self.converges)
+        if self._wants_grad_sync:
+            self._start_grad_sync()
+
+    def _start_grad_sync(self) -> None:
+        if self._grad_sync is None:
+            from dtrain.algorithms.ddp import DDP
+
+            self._grad_sync = DDP(self.optimizer, self.comm, broadcast_init=False)
 
     def _average(self, tensors: list[torch.Tensor]) -> None:
         """Mean over the replicas whose tensors are finite (one all-reduce; a count rides along).
@@ -242,7 +289,8 @@ class HDET(LRScheduler):
 
     def _probes_at(self, done: int) -> bool:
         """Whether the converge step after ``done`` optimizer steps scores the replicas with the probe."""
-        return self.probe is not None and self.auto_lr and done >= self.auto_lr_warmup and self.steering(done)
+        return (self.probe is not None and self.auto_lr and done >= self.auto_lr_warmup and done > self.select_steps
+                and self.steering(done))
 
     def _share_losses(self, probed: float | None = None) -> list[float | None]:
         """Every replica's loss (the probe's, else its mean over the interval; None: none finite), one all-reduce."""
@@ -286,11 +334,14 @@ class HDET(LRScheduler):
                          "base": {k.name: self.base_values(k.name) for k in self.knobs},
                          "scale": {k.name: [math.exp(x) for x in row] for k, row in zip(self.knobs, self._log_scale)}})
 
-    def _state_tensors(self) -> list[torch.Tensor]:
+    def _state_tensors(self, *, scalars: bool = False) -> list[torch.Tensor]:
+        """The optimizer's floating-point state tensors (with ``scalars``, 0-dim ones such as step too)."""
         out = []
         for p in optimizer_params(self.optimizer):
             for key, value in sorted(self.optimizer.state.get(p, {}).items()):
-                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    continue
+                if scalars or (key != "step" and value.dim() > 0):
                     out.append(value)
         return out
 
@@ -309,10 +360,17 @@ class HDET(LRScheduler):
 
     def multiplier(self, name: str = "lr", group: int = 0) -> float:
         """This replica's current multiplier of explored hyperparameter ``name`` in ``group``."""
+        if self.selecting:
+            return self._select_rho[self.rank]
         if self.exploring_stopped:
             return 1.0
         ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
         return self.rho[self._perms[self._perm_key(ki, group)][self.rank]]
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the replicas are still in the selection start (running apart at c = range^u_r)."""
+        return self.last_epoch < self.select_steps
 
     @property
     def exploring_stopped(self) -> bool:
@@ -358,6 +416,8 @@ class HDET(LRScheduler):
             setattr(self, key, _plain(state_dict[key]))
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
         self._perms = self._draw_permutations(self.converges)
+        if self._wants_grad_sync and not self.selecting:
+            self._start_grad_sync()
 
     def remove(self) -> None:
         """Stop the per-step gradient sync hook (if any)."""
