@@ -5,20 +5,21 @@ data stream:
 - a sweep of torch's OneCycleLR over max_lr (×2 apart), each point a DDP run (gradients all-reduced
   every step). The grid is extended past an edge while the best sits on it, so the best point is
   bracketed; its validation loss is the reference;
-- torch's OneCycleLR + DDP at the sweep's best max_lr × 10 and ÷ 10 (the "wrong" values);
-- HDET (ours) from those same wrong values, with the scale controller (c × the OneCycle curve,
-  log-spaced multipliers, the controller steers during the warm-up ramp, then fan-in to ρ = 1), in
-  two forms: with a gradient all-reduce every step (``grad_sync``, the paper's own code) and
-  low-communication (replicas train apart, parameters averaged every T steps). Replicas are scored by
-  the probe (one shared held-out batch, at each replica's interval-mean parameters);
-- ablation: HDET with grad sync scored by its own training losses (no probe), from both wrong values;
-- diagnostics (skip with --no-diagnostics): HDET with grad sync started at the sweep's best lr, with the
-  controller on, with and without the probe (does it stay there?) and with it frozen (λ = 0: what exploring alone costs); low-comm
-  HDET at the best lr with no spread (what training apart costs); the sweep's best point with the next
-  seed (how far a run's seed alone moves the result).
+- torch's OneCycleLR + DDP at the sweep's best max_lr × 10, ÷ 10, × 3 and ÷ 3 (the "wrong" values);
+- HDET (ours) from those same wrong values and from 3x off (between the selection start's factors),
+  in its select form: replicas start apart at c = x1/10, x0.46, x2.15, x10, the best by the probe at
+  10% of the run is taken by all, then c x the OneCycle curve with a gradient all-reduce every step
+  (``grad_sync``); and low-communication (replicas train apart, parameters averaged every T steps);
+- the scale controller on its own (no selection start), with the probe and without (scored by each
+  replica's own training losses), from both 10x wrong values;
+- diagnostics (skip with --no-diagnostics): every form started at the sweep's best lr; the
+  controller frozen there (λ = 0: what exploring alone costs); low-comm HDET at the best lr with no
+  spread (what training apart costs); the sweep's best point with the next seed (how far a run's
+  seed alone moves the result).
 
 Compute is counted in worker-steps: one HDET run (4 replicas × steps, plus the probe's forward passes
-at 1/3 of a step each) against the whole sweep's total. Communication is read from the Comm's own counters (bytes and collectives per worker).
+at 1/3 of a step each) against the whole sweep's total. Communication is read from the Comm's own
+counters (bytes and collectives per worker).
 
     .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full, 6 to 25 min here, by load)
     .venv/bin/python benchmarks/hdet.py --quick                               (smoke, ~3 min)
@@ -49,19 +50,26 @@ MAX_EXTRA_POINTS = 3
 ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
 
 
-def hdet_settings(steps: int, *, grad_sync: bool, probe: bool = True) -> dict[str, Any]:
-    """One setting for both wrong starts and both forms (no per-case tuning).
+FORMS = ("select", "controller", "no probe")
 
-    The scale controller multiplies the OneCycle curve by c; it steers from the first converge to the
-    end of the warm-up ramp (pct_start), then every replica runs c × the curve's cosine anneal. With
-    the probe (default) replicas are scored on one shared held-out batch at their interval-mean
-    parameters, every 5% of the run; without it (the earlier form, kept as an ablation) by their own
-    training losses, every 1/60 of the run.
+
+def hdet_settings(steps: int, *, grad_sync: bool, form: str = "select") -> dict[str, Any]:
+    """One setting per form for every wrong start (no per-case tuning).
+
+    select (the default): replicas start apart at c = 10^u (u evenly in [-1, 1]: x1/10 ... x10), the
+    best by the probe at 10% of the run is taken by all, then everyone runs c x the curve (no more
+    exploring). controller: the scale controller multiplies the OneCycle curve by c, steering from
+    the first converge to the end of the warm-up ramp with replicas scored by the probe (one shared
+    held-out batch at their interval-mean parameters, every 5% of the run). no probe (the earlier
+    form): the same, scored by their own training losses every 1/60 of the run.
     """
-    every = max(2, steps // 20) if probe else max(2, steps // 60)
-    return dict(spread=1.0, spacing="log", converge_every=every, auto_lr_warmup=every, auto_lr_mode="scale",
-                auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5, auto_lr_sigma=0.03,
-                auto_lr_gain=1.0, per_group=False, grad_sync=grad_sync, probe_batches=1 if probe else 0)
+    every = max(2, steps // 60) if form == "no probe" else max(2, steps // 20)
+    out = dict(spread=1.0, spacing="log", converge_every=every, auto_lr_warmup=every, auto_lr_mode="scale",
+               auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5, auto_lr_sigma=0.03,
+               auto_lr_gain=1.0, per_group=False, grad_sync=grad_sync, probe_batches=0 if form == "no probe" else 1)
+    if form == "select":
+        out.update(select_steps=steps // 10, select_range=10.0, auto_lr_stop=steps // 10)
+    return out
 
 
 def probe_steps(hdet: dict[str, Any] | None, steps: int) -> float:
@@ -69,8 +77,10 @@ def probe_steps(hdet: dict[str, Any] | None, steps: int) -> float:
     if not hdet or not hdet.get("probe_batches") or not hdet.get("spread"):  # spread 0: no controller, no probe
         return 0.0
     every, warmup, stop = hdet["converge_every"], hdet["auto_lr_warmup"], hdet["auto_lr_stop"]
-    probes = sum(1 for done in range(every, steps + 1, every) if warmup <= done and (stop is None or done <= stop))
-    return WORKERS * probes * hdet["probe_batches"] / 3
+    select = hdet.get("select_steps", 0)
+    probes = sum(1 for done in range(every, steps + 1, every)
+                 if warmup <= done and done > select and (stop is None or done <= stop))
+    return WORKERS * (probes + (1 if select else 0)) * hdet["probe_batches"] / 3
 
 
 def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int,
@@ -110,6 +120,7 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
         if kind == "hdet":
             out["base_lr"] = [(e["step"], e["base"]["lr"][0]) for e in sched.log]
             out["scale"] = sched.scale_values("lr")[0]
+            out["select_scores"] = next((e["losses"] for e in sched.log if "selected" in e), None)
             out["peak_lr"] = max_lr * out["scale"]  # the peak of c × the curve (scale mode)
             sched.remove()
         if hook is not None:
@@ -124,7 +135,7 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
             "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
             "train_s": max(r["train_s"] for r in results), "nonfinite_steps": sum(r["nonfinite"] for r in results),
             "lr_trace_rank0": r0["lr_trace"], "base_lr": r0.get("base_lr"), "scale": r0.get("scale"),
-            "peak_lr": r0.get("peak_lr"), "hdet": hdet}
+            "peak_lr": r0.get("peak_lr"), "select_scores": r0.get("select_scores"), "hdet": hdet}
 
 
 def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes: int) -> str:
@@ -180,37 +191,43 @@ def main() -> None:
     best = min(sweep, key=loss_of)
     best_lr = best["max_lr"]
     rows = [dict(best, label="OneCycleLR+DDP best of sweep")]
-    for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
+    wrong = ((10.0, "10x high"), (0.1, "10x low"), (3.0, "3x high"), (1 / 3, "3x low"))
+    for factor, name in wrong:
         rows.append(go(f"OneCycleLR+DDP {name}", "onecycle", best_lr * factor))
-    for sync, form in ((True, "grad sync"), (False, "low-comm")):
-        for factor, name in ((10.0, "10x high"), (0.1, "10x low")):
-            rows.append(go(f"HDET {form}, auto-LR from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=sync)))
-    for factor, name in ((10.0, "10x high"), (0.1, "10x low")):  # ablation: the controller without the probe
-        rows.append(go(f"HDET grad sync, no probe, from {name}", "hdet", best_lr * factor,
-                       hdet_settings(steps, grad_sync=True, probe=False)))
+    for factor, name in wrong:
+        rows.append(go(f"HDET grad sync, select, from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=True)))
+    for factor, name in wrong[:2]:
+        rows.append(go(f"HDET low-comm, select, from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=False)))
+    for form in FORMS[1:]:  # the controller alone, with and without the probe
+        for factor, name in wrong[:2]:
+            rows.append(go(f"HDET grad sync, {form}, from {name}", "hdet", best_lr * factor,
+                           hdet_settings(steps, grad_sync=True, form=form)))
     if not args.no_diagnostics:  # why not: start HDET at the right lr
-        rows.append(go("diag: HDET grad sync from best lr", "hdet", best_lr, hdet_settings(steps, grad_sync=True)))
-        rows.append(go("diag: HDET grad sync, no probe, from best lr", "hdet", best_lr,
-                       hdet_settings(steps, grad_sync=True, probe=False)))
-        frozen = dict(hdet_settings(steps, grad_sync=True), auto_lr_gain=0.0)  # explores, c stays 1
+        for form in FORMS:
+            rows.append(go(f"diag: HDET grad sync, {form}, from best lr", "hdet", best_lr,
+                           hdet_settings(steps, grad_sync=True, form=form)))
+        frozen = dict(hdet_settings(steps, grad_sync=True, form="controller"), auto_lr_gain=0.0)  # explores, c stays 1
         rows.append(go("diag: HDET grad sync, best lr, c frozen", "hdet", best_lr, frozen))
-        apart = dict(hdet_settings(steps, grad_sync=False), spread=0.0)  # no exploring: what training apart costs
+        apart = dict(hdet_settings(steps, grad_sync=False, form="controller"), spread=0.0)  # what training apart costs
         rows.append(go("diag: HDET low-comm, best lr, spread 0", "hdet", best_lr, apart))
         rows.append(go("diag: OneCycleLR+DDP best lr, next seed", "onecycle", best_lr, seed=args.seed + 1))
     sweep_compute = sum(r["worker_steps"] for r in sweep)
     ddp_bytes = best["bytes_sent_per_worker"]
     text = table(rows, best["val_loss"], sweep_compute, ddp_bytes)
     sweep_text = "sweep (max_lr: val_loss): " + ", ".join(f"{r['max_lr']:.1e}: {r['val_loss']:.4f}" for r in sweep)
-    hd = [r for r in rows if r["kind"] == "hdet" and not r["label"].startswith("diag")]
+    hd = [r for r in rows if r["kind"] == "hdet" and not r["label"].startswith("diag")]  # every non-diagnostic HDET row
     verdict = [f"{r['label']}: {100 * (r['val_loss'] / best['val_loss'] - 1):+.2f}% vs sweep best "
                f"({'within' if r['val_loss'] <= 1.03 * best['val_loss'] else 'NOT within'} 3%), compute "
                f"{r['worker_steps'] / sweep_compute:.3f} of the sweep, bytes {r['bytes_sent_per_worker'] / ddp_bytes:.2f}x DDP, "
-               f"c = {r['scale']:.3f}: peak lr {r['peak_lr']:.2e} (sweep best {best_lr:.2e})" for r in hd]
+               f"c = {r['scale']:.3f}: peak lr {r['peak_lr']:.2e} (sweep best {best_lr:.2e})"
+               + (f"; selection scores (factors x1/10, x0.46, x2.15, x10): {', '.join('n/a' if x is None else f'{x:.3f}' for x in r['select_scores'])}"
+                  if r.get("select_scores") else "") for r in hd]
     notes = (f"compute = worker-steps / the whole sweep's ({len(sweep)} points x {WORKERS} workers x {steps} steps); "
-             f"bytes vs DDP = bytes sent per worker / the DDP run's. HDET: {hdet_settings(steps, grad_sync=True)} "
-             f"(low-comm: grad_sync False; 'no probe': {hdet_settings(steps, grad_sync=True, probe=False)}; "
+             f"bytes vs DDP = bytes sent per worker / the DDP run's. HDET select: {hdet_settings(steps, grad_sync=True)}; "
+             f"controller: {hdet_settings(steps, grad_sync=True, form='controller')}; "
+             f"no probe: {hdet_settings(steps, grad_sync=True, form='no probe')} (low-comm: grad_sync False; "
              f"'c frozen': auto_lr_gain 0, so the replicas explore x1/2..x2 until auto_lr_stop and the curve is never scaled). "
-             f"Compute counts the probe's forward passes as 1/3 of a step each. OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
+             f"Compute counts the probe's forward passes as 1/3 of a step each; the goal is checked on the rows of the select form. OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
              f"{steps} steps, n_layer={wcfg.n_layer}, d_model={wcfg.d_model}, batch {wcfg.batch_size} per worker. "
              f"Total {time.perf_counter() - t_start:.0f}s.")
     report = text + "\n\n" + sweep_text + "\n\n" + "\n".join(verdict) + "\n\n" + notes
