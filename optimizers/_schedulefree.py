@@ -11,13 +11,25 @@ from typing import Any
 
 import torch
 
-from ._common import KeepsExtras, by_device_dtype
+from ._common import KeepsExtras, by_device_dtype, check_range
 
 
 class ScheduleFreeBase(KeepsExtras, torch.optim.Optimizer):
     """Base class: train/eval switching and the averaging weight c_{k+1}."""
 
     _beta_key = "momentum"  # group key of the interpolation constant beta
+
+    @staticmethod
+    def _schedule_defaults(name: str, *, weight_decay: float, warmup_steps: int, r: float,
+                           weight_lr_power: float) -> dict[str, Any]:
+        """The checked settings both Schedule-Free optimizers share, and their per-group step state."""
+        check_range(name, "weight_decay", weight_decay, 0.0)
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise ValueError(f"{name}: invalid warmup_steps={warmup_steps!r}; use an integer >= 0")
+        check_range(name, "r", r, 0.0)
+        check_range(name, "weight_lr_power", weight_lr_power, 0.0)
+        return dict(weight_decay=weight_decay, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                    k=0, train_mode=True, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
 
     def _beta(self, group: dict[str, Any]) -> float:
         b = group[self._beta_key]

@@ -35,14 +35,9 @@ class ScheduleFreeSGD(ScheduleFreeBase):
         check_fused(name, fused, foreach)
         check_range(name, "lr", lr, 0.0)
         check_range(name, "momentum", momentum, 0.0, 1.0, lo_open=True)
-        check_range(name, "weight_decay", weight_decay, 0.0)
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-            raise ValueError(f"{name}: invalid warmup_steps={warmup_steps!r}; use an integer >= 0")
-        check_range(name, "r", r, 0.0)
-        check_range(name, "weight_lr_power", weight_lr_power, 0.0)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                        r=r, weight_lr_power=weight_lr_power, foreach=foreach, fused=fused, k=0, train_mode=True,
-                        weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
+        defaults = dict(lr=lr, momentum=momentum, foreach=foreach, fused=fused,
+                        **self._schedule_defaults(name, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+                                                  weight_lr_power=weight_lr_power))
         super().__init__(params, defaults)
         self._scratch = Scratch()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,16 @@ class Phase:
     end_lr: str
     start_momentum: str  # max_momentum | base_momentum
     end_momentum: str
+
+
+def values_per_group(name: str, value: Any, groups: list[dict[str, Any]]) -> list[Any]:
+    """One value per param group: a list of that length, or one value for all (OneCycleLR's rule)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(f"{name} must have the same length as optimizer.param_groups. "
+                             f"{name} has {len(value)} values, param_groups has {len(groups)}.")
+        return list(value)
+    return [value] * len(groups)
 
 
 def resolve_total_steps(total_steps: int | None, epochs: int | None, steps_per_epoch: int | None) -> int:

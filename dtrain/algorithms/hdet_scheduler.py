@@ -13,8 +13,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from dtrain.algorithms.base import optimizer_params
 from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args, check_select_args, decay_rate,
                                                multipliers, parse_explore, softmax_weights, weighted_shift)
-from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps
+from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps, values_per_group
 from dtrain.algorithms.hdet_probe import IterateMean
+from dtrain.algorithms.hdet_replicas import average_finite, broadcast_from, optimizer_state, share_scores
 from dtrain.comm.base import Comm
 from dtrain.comm.torch_backend import default_comm
 
@@ -101,7 +102,7 @@ class HDET(LRScheduler):
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
 
         groups = optimizer.param_groups
-        max_lrs = _per_group("max_lr", max_lr, groups)
+        max_lrs = values_per_group("max_lr", max_lr, groups)
         if last_epoch == -1:
             for group, peak in zip(groups, max_lrs):
                 group["initial_lr"] = peak / div_factor
@@ -112,8 +113,8 @@ class HDET(LRScheduler):
                 raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
             self.use_beta1 = "betas" in optimizer.defaults
             if last_epoch == -1:
-                tops = _per_group("max_momentum", max_momentum, groups)
-                bottoms = _per_group("base_momentum", base_momentum, groups)
+                tops = values_per_group("max_momentum", max_momentum, groups)
+                bottoms = values_per_group("base_momentum", base_momentum, groups)
                 for group, top, bottom in zip(groups, tops, bottoms):
                     if self.use_beta1:
                         group["betas"] = (top, *group["betas"][1:])
@@ -141,8 +142,7 @@ class HDET(LRScheduler):
             self._start_grad_sync()
         if broadcast_init and self.replicas > 1 and last_epoch == -1:
             with torch.no_grad():
-                for tensors in _by_dtype(optimizer_params(optimizer)):
-                    self.comm.broadcast(tensors, src=0)
+                broadcast_from(self.comm, optimizer_params(optimizer), src=0)
         super().__init__(optimizer, last_epoch)
 
     # -- the schedule ----------------------------------------------------------------------------
@@ -220,11 +220,9 @@ class HDET(LRScheduler):
             probed = self._iterates.score(optimizer_params(self.optimizer), self.probe, self.converges)  # type: ignore[arg-type]
         self._iterates.reset()
         if self.replicas > 1:
-            for tensors in _by_dtype(optimizer_params(self.optimizer)):
-                self._average(tensors)
+            average_finite(self.comm, optimizer_params(self.optimizer))
             if self.average_optimizer_state:
-                for tensors in _by_dtype(self._state_tensors()):
-                    self._average(tensors)
+                average_finite(self.comm, optimizer_state(self.optimizer))
         if self.auto_lr and done >= self.auto_lr_warmup:
             self._update_controller(self._share_losses(probed), done)
         self._loss_sum, self._loss_count = 0.0, 0
@@ -240,14 +238,13 @@ class HDET(LRScheduler):
         whole trajectories are compared; a max_lr that is too high shows as a stalled loss by now), or
         without a probe by the mean training loss of the last interval.
         """
-        probed = self.probe(self.converges) if self.probe is not None else None
-        losses = self._share_losses(None if probed is None or not math.isfinite(float(probed)) else float(probed))
+        params = optimizer_params(self.optimizer)
+        probed = self._iterates.score(params, self.probe, self.converges) if self.probe is not None else None
+        losses = self._share_losses(probed)
         scored = [(x, r) for r, x in enumerate(losses) if x is not None]
         winner = min(scored)[1] if scored else 0
-        for tensors in _by_dtype(optimizer_params(self.optimizer)):
-            self.comm.broadcast(tensors, src=winner)
-        for tensors in _by_dtype(self._state_tensors(scalars=True)):
-            self.comm.broadcast(tensors, src=winner)
+        broadcast_from(self.comm, params, src=winner)
+        broadcast_from(self.comm, optimizer_state(self.optimizer, scalars=True), src=winner)
         shift = math.log(self._select_rho[winner])
         self._log_scale = [[x + shift for x in row] for row in self._log_scale]
         self.log.append({"step": self.select_steps, "losses": losses, "selected": winner,
@@ -266,23 +263,6 @@ class HDET(LRScheduler):
 
             self._grad_sync = DDP(self.optimizer, self.comm, broadcast_init=False)
 
-    def _average(self, tensors: list[torch.Tensor]) -> None:
-        """Mean over the replicas whose tensors are finite (one all-reduce; a count rides along).
-
-        A replica that diverged contributes nothing and receives the others' mean, so NaN/Inf never
-        spreads through the average.
-        """
-        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-        count = torch.ones(1, dtype=tensors[0].dtype, device=tensors[0].device)
-        if not finite:
-            for t in tensors:
-                t.zero_()
-            count.zero_()
-        self.comm.all_reduce([*tensors, count], op="sum")
-        if count.item() > 0:
-            for t in tensors:
-                t.div_(count)
-
     def steering(self, done: int) -> bool:
         """Whether the converge step after ``done`` optimizer steps may still move the controller."""
         return self.auto_lr_stop is None or done <= self.auto_lr_stop
@@ -294,14 +274,8 @@ class HDET(LRScheduler):
 
     def _share_losses(self, probed: float | None = None) -> list[float | None]:
         """Every replica's loss (the probe's, else its mean over the interval; None: none finite), one all-reduce."""
-        buf = torch.zeros(2 * self.replicas, dtype=torch.float64)
         mine = probed if self.probe is not None else (self._loss_sum / self._loss_count if self._loss_count else None)
-        if mine is not None:
-            buf[self.rank] = mine
-            buf[self.replicas + self.rank] = 1.0
-        if self.replicas > 1:
-            self.comm.all_reduce([buf], op="sum")
-        return [float(buf[r]) if buf[self.replicas + r] > 0 else None for r in range(self.replicas)]
+        return share_scores(self.comm, mine)
 
     def _update_controller(self, losses: list[float | None], done: int) -> None:
         weights = softmax_weights(losses, self.sigma)
@@ -333,17 +307,6 @@ class HDET(LRScheduler):
         self.log.append({"step": done, "losses": losses, "weights": weights,
                          "base": {k.name: self.base_values(k.name) for k in self.knobs},
                          "scale": {k.name: [math.exp(x) for x in row] for k, row in zip(self.knobs, self._log_scale)}})
-
-    def _state_tensors(self, *, scalars: bool = False) -> list[torch.Tensor]:
-        """The optimizer's floating-point state tensors (with ``scalars``, 0-dim ones such as step too)."""
-        out = []
-        for p in optimizer_params(self.optimizer):
-            for key, value in sorted(self.optimizer.state.get(p, {}).items()):
-                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                    continue
-                if scalars or (key != "step" and value.dim() > 0):
-                    out.append(value)
-        return out
 
     # -- multipliers ---------------------------------------------------------------------------
     def _perm_key(self, ki: int, gi: int) -> tuple[int, int]:
@@ -423,23 +386,6 @@ class HDET(LRScheduler):
         """Stop the per-step gradient sync hook (if any)."""
         if self._grad_sync is not None:
             self._grad_sync.remove()
-
-
-def _per_group(name: str, value: Any, groups: list[dict[str, Any]]) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != len(groups):
-            raise ValueError(f"{name} must have the same length as optimizer.param_groups. "
-                             f"{name} has {len(value)} values, param_groups has {len(groups)}.")
-        return list(value)
-    return [value] * len(groups)
-
-
-def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """One all-reduce per dtype (Comm fuses a call into one buffer of a single dtype)."""
-    out: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        out.setdefault(t.dtype, []).append(t)
-    return list(out.values())
 
 
 def _plain(value: Any) -> Any:
