@@ -100,6 +100,46 @@ def test_config_validation_names_the_key():
         validate(Config(initial_peers=["127.0.0.1:3000"]))
 
 
+class ScriptedNode:
+    """Stands in for the DHT reads of `Node` (beside the real-peer tests below): each read returns
+    the next scripted {peer id: (record, expiration)}, at the scripted clock."""
+
+    def __init__(self, reads: list[tuple[float, dict]]) -> None:
+        self.reads = list(reads)
+        self.clock = 0.0
+
+    def records_until(self) -> dict:
+        self.clock, read = self.reads.pop(0)
+        return read
+
+    def now(self) -> float:
+        return self.clock
+
+
+def test_a_short_dht_read_does_not_drop_a_member_whose_record_is_still_valid():
+    comm = HivemindComm.__new__(HivemindComm)  # membership only: no daemon
+    comm.peer_id, comm.rank, comm.active = "a", 0, True
+    comm.dead, comm.bad, comm.members, comm._seen, comm._seen_lock = set(), set(), {}, {}, threading.Lock()
+    live = lambda rank: {"rank": rank, "active": True, "round": 3}  # noqa: E731
+    comm.node = ScriptedNode([
+        (1.0, {"a": (live(0), 5.0), "b": (live(1), 5.0), "c": (live(2), 5.0)}),
+        (2.0, {"a": (live(0), 6.0)}),  # short read: b and c were stored on nodes this read missed
+        (3.0, {"a": (live(0), 7.0), "b": (live(1), 7.0), "c": ({"rank": 2, "active": True, "round": 1}, 4.0)}),
+        (5.5, {"a": (live(0), 9.0), "b": (live(1), 9.0)}),  # c stopped beating: its record lapsed at 5.0
+        (6.0, {"a": (live(0), 9.0), "b": ({"rank": 1, "active": False, "round": 4}, 9.5)}),  # b says it left
+    ])
+    comm.refresh()
+    assert comm.peers() == [0, 1, 2]
+    comm.refresh()
+    assert comm.peers() == [0, 1, 2]
+    comm.refresh()  # an older record of c (earlier expiration) does not replace the newer one
+    assert comm.peers() == [0, 1, 2] and comm._seen["c"][1] == 5.0
+    comm.refresh()
+    assert comm.peers() == [0, 1]
+    comm.refresh()
+    assert comm.peers() == [0]
+
+
 @pytest.mark.timeout(120)
 def test_collectives_exchange_bad_peer_and_departure(tmp_path):
     comms = start_group(3, tmp_path, "unit")

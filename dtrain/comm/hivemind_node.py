@@ -129,11 +129,20 @@ class Node:
 
     def records(self) -> dict[str, dict[str, Any]]:
         """peer id -> record, for every unexpired record under this run id (garbage skipped)."""
+        return {pid: rec for pid, (rec, _) in self.records_until().items()}
+
+    @staticmethod
+    def now() -> float:
+        """The DHT's clock, which record expirations are in."""
+        return get_dht_time()
+
+    def records_until(self) -> dict[str, tuple[dict[str, Any], float]]:
+        """peer id -> (record, its expiration time on the DHT clock), unexpired records only."""
         if self.dht is None or self._closed:
             return {}
         with self._dht_lock:
             found = self.dht.get(self.members_key(), latest=True)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, tuple[dict[str, Any], float]] = {}
         if found is None or not isinstance(found.value, dict):
             return out
         now = get_dht_time()
@@ -146,7 +155,7 @@ class Node:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("rank"), int) and not isinstance(rec.get("rank"), bool):
-                out[subkey] = rec
+                out[subkey] = (rec, float(expires))
         return out
 
     # -- shutdown ---------------------------------------------------------------------
