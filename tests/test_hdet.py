@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import optimizers
+
 from dtrain.algorithms.hdet import HDET, decay_rate, multipliers, softmax_weights
 from dtrain.comm.local import run_local
 from dtrain.config import ConfigError, load
@@ -389,6 +391,27 @@ def test_torchrun_gloo_replicas_identical_after_converge_and_comm_counted(tmp_pa
         assert w["comm"]["bytes_sent"] == expected
 
 
+def test_torchrun_gloo_selection_with_prodigy_leaves_the_replicas_identical(tmp_path):
+    """Real processes: the selection start over gloo with an optimizer that keeps d in its param groups.
+    With grad sync after the selection, both workers must hold the same weights and the same d at the
+    end, 5 steps after the last converge (which would otherwise hide a drift by averaging)."""
+    from dist_utils import train
+
+    from dtrain import checkpoint
+
+    tiny = ["workload.n_layer=1", "workload.d_model=32", "workload.eval_batches=2", "threads=1"]
+    out = tmp_path / "run"
+    summary = train(2, "configs/hdet.yaml", out, "steps=35", "eval_every=35", "ckpt_every=35",
+                    "algo.auto_lr_mode=scale", "algo.select_steps=10", "algo.auto_lr_stop=10", "algo.grad_sync=true",
+                    "algo.converge_every=10", "algo.auto_lr_warmup=10", "algo.probe_batches=1",
+                    "optim.name=prodigy", "optim.lr=1.0", *tiny)
+    assert summary["workers"][0]["algorithm"]["converges"] == 3
+    a, b = (checkpoint.load(out, rank, 35) for rank in (0, 1))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    d = [[g["d"] for g in state["optimizer"]["param_groups"]] for state in (a, b)]
+    assert d[0] == d[1] and d[0][0] > 1e-6  # d grew from d0 and is the same on both
+
+
 # -- options beyond DESIGN's defaults: log spacing, the scale controller, the loss window, the stop -----
 @pytest.mark.parametrize("n", [1, 2, 4, 7])
 @pytest.mark.parametrize("a", [0.0, 0.5, 1.0, 3.0])
@@ -589,6 +612,59 @@ def test_selection_start_runs_replicas_apart_then_all_take_the_best(use_probe, g
     mids = [r[4] for r in results]
     # with grad sync the replicas stay identical between converges; without it they drift apart again
     assert all(torch.equal(m, mids[0]) for m in mids) == grad_sync
+
+
+SELECT_OPTIMIZERS = {
+    # d lives in the param groups; Mechanic keeps its tuner in lists and AdamW's state in its base
+    "prodigy": lambda params: optimizers.Prodigy(params, lr=1.0, weight_decay=0.01),
+    "dadapt_adam": lambda params: optimizers.DAdaptAdam(params, lr=1.0),
+    "mechanic": lambda params: optimizers.Mechanic(params, base_kwargs={"lr": 1e-2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SELECT_OPTIMIZERS))
+def test_selection_copies_state_kept_outside_the_state_tensors(name):
+    # With grad sync, replicas that hold the same parameters and the same whole optimizer state
+    # stay identical; a replica left with its own d (or tuner) drifts away at once.
+    def worker(comm):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        opt = SELECT_OPTIMIZERS[name](model.parameters())
+        sched = HDET(opt, max_lr=opt.param_groups[0]["lr"], total_steps=16, spread=0.5, spacing="log",
+                     converge_every=4, auto_lr_mode="scale", select_steps=6, auto_lr_stop=6, cycle_momentum=False,
+                     grad_sync=True, comm=comm, seed=1)
+        gen = torch.Generator().manual_seed(comm.rank)  # replicas see different data
+        after_select = None
+        for step in range(16):
+            x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step(float(comm.rank))  # rank 0 wins the selection
+            if step == 5:
+                after_select = io.BytesIO()
+                torch.save(opt.state_dict(), after_select)
+        sched.remove()
+        return after_select.getvalue(), [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+    results = run_local(3, worker)
+    first_state = torch.load(io.BytesIO(results[0][0]), weights_only=False)
+    for blob, params, _ in results[1:]:
+        state = torch.load(io.BytesIO(blob), weights_only=False)
+        assert _same_tree(state, first_state)
+        assert all(torch.equal(p, q) for p, q in zip(params, results[0][1]))
+    assert not _same_tree(results[0][2], first_state)  # it did step on after the selection
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_selection_start_resumes_with_its_factor_and_gradient_sync():

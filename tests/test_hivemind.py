@@ -20,10 +20,10 @@ from dtrain.comm.hivemind_wire import WireError, decode_tensor, pack, tensor_byt
 from dtrain.testing.faults import FaultyComm  # noqa: E402
 
 
-def start_group(n: int, tmp_path, run_id: str) -> list[HivemindComm]:
+def start_group(n: int, tmp_path, run_id: str, *, heartbeat: float = 0.3) -> list[HivemindComm]:
     comms: list[HivemindComm | None] = [None] * n
     maddr = tmp_path / f"{run_id}.maddr"
-    knobs = dict(run_id=run_id, min_peers=n, request_timeout=1.0, matchmaking_time=5.0, heartbeat=0.3)
+    knobs = dict(run_id=run_id, min_peers=n, request_timeout=1.0, matchmaking_time=5.0, heartbeat=heartbeat)
 
     def first() -> None:
         comms[0] = HivemindComm(Config(rank=0, maddr_file=str(maddr), **knobs))
@@ -207,6 +207,63 @@ def test_collectives_exchange_bad_peer_and_departure(tmp_path):
     # Closing leaves no daemon of ours behind (they are children of this process).
     left = subprocess.run(["pgrep", "-P", str(os.getpid()), "p2pd"], capture_output=True, text=True).stdout
     assert left.strip() == ""
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_closes_leaves_the_membership_at_once(tmp_path):
+    # Records live 4 beats (40 s here): the others must learn of the departure from the record
+    # the leaving peer publishes, not from its old one lapsing.
+    comms = start_group(2, tmp_path, "leave", heartbeat=10.0)
+    try:
+        assert all(c.peers() == [0, 1] for c in comms)
+        comms[1].close()
+        comms[0].refresh()
+        left = [rec for rec in comms[0].node.records().values() if rec["rank"] == 1]
+        assert left and not any(rec["active"] for rec in left), left
+        assert comms[0].peers() == [0]
+    finally:
+        for c in comms:
+            c.close()
+
+
+@pytest.mark.timeout(60)
+def test_exchange_is_sent_again_after_a_transport_error_but_not_after_a_timeout(tmp_path):
+    from dtrain.comm.hivemind_node import NodeError
+
+    comms = start_group(2, tmp_path, "resend")
+    real_call, calls = comms[0].node.call, []
+
+    async def flaky_call(peer_id, frame, timeout):  # rank 0's first send of each message breaks
+        calls.append(frame)
+        if len(calls) in failing:
+            if deliver_first:
+                await real_call(peer_id, frame, timeout)  # delivered, then the reply is lost
+            raise NodeError("stream broke: IncompleteReadError", timed_out=timed_out)
+        return await real_call(peer_id, frame, timeout)
+
+    comms[0].node.call = flaky_call
+    try:
+        for tag, (failing, deliver_first, timed_out) in enumerate([({1}, True, False), ({1, 2, 3, 4, 5}, False, False)]):
+            calls.clear()
+
+            def pair(c, tag=tag):
+                try:
+                    return c.exchange([torch.full((3,), float(c.rank))], 1 - c.rank, tag=tag, timeout=5)[0].tolist()
+                except PeerTimeout as e:
+                    return str(e)
+
+            got = on_all(comms, pair)
+            if tag == 0:  # the repeat of a delivered message is ignored: one copy, both sides done
+                assert got == [[1.0] * 3, [0.0] * 3] and len(calls) == 2
+            else:  # never got through: a few tries, then rank 0 gives up (rank 1 waits out its timeout)
+                assert "stream broke" in got[0] and "did not answer" in got[1] and len(calls) == 4
+        calls.clear()
+        failing, deliver_first, timed_out = {1, 2}, False, True
+        got = on_all(comms, lambda c: pair(c, tag=9))
+        assert "stream broke" in got[0] and len(calls) == 1  # a timeout is not sent again
+    finally:
+        for c in comms:
+            c.close()
 
 
 PEER_SCRIPT = """

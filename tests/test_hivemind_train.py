@@ -73,8 +73,9 @@ def test_noloco_and_spsa_match_the_local_backend_and_survive_a_killed_peer(tmp_p
         got, ref = summary(runs[algo][0]), refs[algo]
         assert got["world_size"] == 3 and got["workers_reporting"] == 3
         if algo == "noloco":  # equal numbers need equal schedules: every round met all three
-            reports = {w["rank"]: w["algorithm"] for w in got["workers"]}
-            assert all(a["member_failures"] == 0 and all(g == [0, 1, 2] for _, g in a["groups"]) for a in reports.values()), reports
+            reports = {w["rank"]: (w["algorithm"]["member_failures"], w["algorithm"]["groups"]) for w in got["workers"]}
+            full = all(fails == 0 and all(g == [0, 1, 2] for _, g in groups) for fails, groups in reports.values())
+            assert full, f"{reports}\n{logs(runs[algo][0])}"
         assert got["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-5), algo
         assert got["eval"]["value"] == pytest.approx(ref["eval"]["value"], rel=1e-5), algo
         assert got["eval"]["value"] < got["eval"]["initial"], algo

@@ -52,13 +52,14 @@ Options beyond those equations (off by default; `benchmarks/hdet.py` uses them):
   replicas train apart (no averaging, no gradient sync, nothing sent) at c = R^u_r, u_r evenly in
   [−1, 1] (R = 10, 4 replicas: ×1/10, ×0.46, ×2.15, ×10 of the whole OneCycle curve); at step S each
   is scored (probe at its current parameters, else its last interval's training losses), and every
-  replica takes the best one's parameters, optimizer state tensors and c, then training goes on as
+  replica takes the best one's parameters, whole optimizer state and c, then training goes on as
   usual (gradient sync, if asked for, starts there). Why: a max_lr that is too high does its damage
   in the first few steps, and a comparison between replicas that were averaged every T steps cannot
   see it (all share the damage); replicas that ran apart from step 0 can — on char_lm at S = 10% the
   too-high ones have stalled. Set ``auto_lr_stop=S`` to stop exploring there (what
-  `benchmarks/hdet.py` measures), or later to let the controller refine c. Per-group scalars of the
-  optimizer (Prodigy's d, for example) are not copied.
+  `benchmarks/hdet.py` measures), or later to let the controller refine c. The optimizer state is
+  taken through ``state_dict``, so numbers kept outside the state tensors travel too (Prodigy's d in
+  the param groups, Mechanic's tuner and its base optimizer's state).
 
 Between converge steps nothing is communicated (the paper's code all-reduces gradients every step;
 ``grad_sync=True`` does that too, for users who want HDET on top of DDP).

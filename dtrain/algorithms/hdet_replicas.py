@@ -6,6 +6,8 @@ same shapes in the same order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dtrain.algorithms.base import optimizer_params
@@ -67,3 +69,66 @@ def optimizer_state(optimizer: torch.optim.Optimizer, *, scalars: bool = False) 
             if scalars or (key != "step" and value.dim() > 0):
                 out.append(value)
     return out
+
+
+def load_optimizer_from(comm: Comm, optimizer: torch.optim.Optimizer, src: int) -> None:
+    """Every replica takes replica ``src``'s whole optimizer state.
+
+    Read through ``state_dict`` so that state kept outside the per-parameter tensors travels too:
+    Prodigy's and D-Adaptation's d in the param groups, Mechanic's tuner and its base optimizer's
+    state. Tensors go by broadcast (one per dtype); numbers (ints and floats, not bools) in one
+    float64 broadcast. Every replica built the same optimizer and stepped it as often, so the
+    state dicts have the same layout.
+    """
+    state = optimizer.state_dict()
+    tensors: list[torch.Tensor] = []
+    numbers: list[float] = []
+    _collect(state, tensors, numbers)
+    tensors = [t.clone() for t in tensors]  # state_dict may hand out the live tensors
+    broadcast_from(comm, tensors, src)
+    flat = torch.tensor(numbers, dtype=torch.float64)
+    if numbers:
+        comm.broadcast([flat], src=src)
+    optimizer.load_state_dict(_rebuild(state, iter(tensors), iter(flat.tolist())))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and (x.is_floating_point() or not (x.is_complex() or x.dtype == torch.bool))
+
+
+def _keys(d: dict) -> list:
+    # same order on every replica whatever the insertion order; "params" (indices) is layout, not state
+    return sorted((k for k in d if k != "params"), key=lambda k: (type(k).__name__, repr(k)))
+
+
+def _collect(tree: Any, tensors: list[torch.Tensor], numbers: list[float]) -> None:
+    if _is_tensor(tree):
+        tensors.append(tree)
+    elif _is_number(tree):
+        numbers.append(float(tree))
+    elif isinstance(tree, dict):
+        for k in _keys(tree):
+            _collect(tree[k], tensors, numbers)
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            _collect(x, tensors, numbers)
+
+
+def _rebuild(tree: Any, tensors: Any, numbers: Any) -> Any:
+    if _is_tensor(tree):
+        return next(tensors)
+    if _is_number(tree):
+        x = next(numbers)
+        return int(x) if isinstance(tree, int) else x
+    if isinstance(tree, dict):
+        out = dict(tree)
+        for k in _keys(tree):
+            out[k] = _rebuild(tree[k], tensors, numbers)
+        return out
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_rebuild(x, tensors, numbers) for x in tree)
+    return tree

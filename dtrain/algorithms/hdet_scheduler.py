@@ -15,7 +15,8 @@ from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args,
                                                multipliers, parse_explore, softmax_weights, weighted_shift)
 from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps, values_per_group
 from dtrain.algorithms.hdet_probe import IterateMean
-from dtrain.algorithms.hdet_replicas import average_finite, broadcast_from, optimizer_state, share_scores
+from dtrain.algorithms.hdet_replicas import (average_finite, broadcast_from, load_optimizer_from, optimizer_state,
+                                             share_scores)
 from dtrain.comm.base import Comm
 from dtrain.comm.torch_backend import default_comm
 
@@ -244,7 +245,7 @@ class HDET(LRScheduler):
         scored = [(x, r) for r, x in enumerate(losses) if x is not None]
         winner = min(scored)[1] if scored else 0
         broadcast_from(self.comm, params, src=winner)
-        broadcast_from(self.comm, optimizer_state(self.optimizer, scalars=True), src=winner)
+        load_optimizer_from(self.comm, self.optimizer, src=winner)
         shift = math.log(self._select_rho[winner])
         self._log_scale = [[x + shift for x in row] for row in self._log_scale]
         self.log.append({"step": self.select_steps, "losses": losses, "selected": winner,

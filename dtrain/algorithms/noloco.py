@@ -38,6 +38,7 @@ the paper gives no condition (n = N does not depend on γ at all).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -50,6 +51,8 @@ from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
 from dtrain.algorithms.noloco_compress import MODES, DecodeError, decode, encode, wire_numel
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
 from dtrain.workloads.base import generator
+
+log = logging.getLogger(__name__)
 
 _PHI, _DELTA = 0, 1  # tag = 2 * round + kind keeps φ and Δ of a round (and rounds) apart
 
@@ -269,8 +272,9 @@ class NoLoCo(OptimizerHook):
                 if not separate_phi:
                     phi_j = got[1]
                 received[j] = (delta_j, phi_j)
-            except (PeerTimeout, BadPeerData, DecodeError, CommError):
+            except (PeerTimeout, BadPeerData, DecodeError, CommError) as e:
                 self.member_failures += 1
+                log.warning("noloco outer step %d: rank %d left out of rank %d's means: %s", round_, j, self.comm.rank, e)
         self._phi_handles = {}
         self._update(delta, received)
         self.outer_syncs += 1

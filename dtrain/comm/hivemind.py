@@ -29,7 +29,9 @@ show workers_reporting < world_size).
 Star traffic is O(N) at the leader; `stats` still count the ring model of `dtrain.comm.base`.
 
 exchange (NoLoCo gossip) is direct: each side sends its buffer to the other's handler and
-waits for the other's message with the same tag in its mailbox.
+waits for the other's message with the same tag in its mailbox. A message is sent again after a
+transport error (the mailbox keeps the first copy, so delivery is at least once and a repeat is
+harmless), and the wait ends early once the peer has left the run (its record lapsed or said so).
 
 A peer that starts while a run is under way (the DHT shows rounds already done) joins: see
 `dtrain.comm.hivemind_join` for fetching state from a live peer. Until `activate()` its
@@ -41,6 +43,7 @@ kills it if this process dies any other way (see `hivemind_node`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import sys
@@ -344,13 +347,16 @@ class HivemindComm(Comm):
                 raise PeerTimeout(f"exchange with peer {peer} (tag {tag}): {e}") from None
             header, _ = unpack(reply)
             if not header.get("ok"):
+                self.rounds.forget(peer, tag)
                 raise CommError(f"peer {peer} refused exchange: {header.get('error')}")
             try:
-                h, body = inbox.result(max(0.0, deadline - time.monotonic()))
-                self.rounds.forget(peer, tag)
-            except Exception:  # noqa: BLE001 - concurrent.futures.TimeoutError
-                self.rounds.forget(peer, tag)
+                h, body = self._await_message(inbox, pid, deadline)
+            except concurrent.futures.TimeoutError:
                 raise PeerTimeout(f"peer {peer} did not answer within {limit:.1f}s (tag {tag})") from None
+            except PeerTimeout as e:
+                raise PeerTimeout(f"peer {peer} {e} (tag {tag})") from None
+            finally:
+                self.rounds.forget(peer, tag)
             try:
                 return decode_tensor(h, body, like=flat)
             except WireError as e:
@@ -358,6 +364,19 @@ class HivemindComm(Comm):
                 raise BadPeerData(peer, str(e)) from None
 
         return finish
+
+    def _await_message(self, inbox: concurrent.futures.Future, pid: str, deadline: float) -> tuple[dict, bytes]:
+        """The peer's message, or an error once the deadline passes or the peer has left the run
+        (its record lapsed or said so, or it was seen dead or bad): a peer that is gone will not send."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return inbox.result(max(0.0, min(remaining, self.cfg.heartbeat)))
+            except concurrent.futures.TimeoutError:
+                if remaining <= self.cfg.heartbeat:
+                    raise
+                if pid not in self.members.values():
+                    raise PeerTimeout("left the run before sending") from None
 
     def exchange(self, tensors: Sequence[torch.Tensor], peer: int, *, tag: int = 0, timeout: float | None = None,
                  async_op: bool = False) -> list[torch.Tensor] | Handle:
@@ -378,8 +397,9 @@ class HivemindComm(Comm):
         if self._beat is not None:
             self._beat.join(timeout=5)
         try:
-            if self.rank >= 0:
-                self.node.publish({"rank": self.rank, "active": False, "round": self.rounds.next_round}, ttl=1.0)
+            if self.rank >= 0:  # as long-lived as a beat: the DHT keeps, per peer, the record that expires last
+                self.node.publish({"rank": self.rank, "active": False, "round": self.rounds.next_round},
+                                  ttl=4 * self.cfg.heartbeat)
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
         self.node.close()

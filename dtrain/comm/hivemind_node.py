@@ -31,8 +31,16 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 
 
+REPLY_LINGER_S = 5.0  # how long a handler waits for the caller to close after replying
+
+
 class NodeError(RuntimeError):
-    """The transport failed (peer unreachable, stream broken, daemon gone)."""
+    """The transport failed (peer unreachable, stream broken, daemon gone) or, with ``timed_out``, the
+    peer did not answer in time."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class Node:
@@ -88,6 +96,12 @@ class Node:
             frame = await P2P.receive_raw_data(reader)
             reply = await self._handler(info.peer_id.to_base58(), frame)
             await P2P.send_raw_data(reply, writer)
+            # Close only after the caller has read the reply and closed its end: closing first can
+            # let the daemon reset the stream with the reply still in flight (the caller then sees
+            # a broken stream for a request that was handled).
+            await asyncio.wait_for(reader.read(), REPLY_LINGER_S)
+        except asyncio.TimeoutError:
+            pass  # the caller keeps its end open: it has had the reply's bytes for REPLY_LINGER_S
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the caller went away; nothing to answer
         except Exception:  # noqa: BLE001 - a handler bug must not kill the loop
@@ -109,7 +123,7 @@ class Node:
         try:
             return await asyncio.wait_for(self._call(peer_id, frame), timeout)
         except asyncio.TimeoutError:
-            raise NodeError(f"no reply from {peer_id[:12]}.. within {timeout:.1f}s") from None
+            raise NodeError(f"no reply from {peer_id[:12]}.. within {timeout:.1f}s", timed_out=True) from None
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             raise NodeError(f"stream to {peer_id[:12]}.. broke: {type(e).__name__}") from None
         except Exception as e:  # noqa: BLE001 - the daemon bindings raise their own types

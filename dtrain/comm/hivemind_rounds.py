@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 KEEP_CLOSED = 16  # finished rounds kept to answer late contributors
 MAX_MAIL = 512  # exchange messages held for rounds this peer has not reached yet
+SEND_ATTEMPTS = 4  # an exchange message is sent at most this often after transport errors
+RESEND_BACKOFF_S = 0.1  # doubled after each failed attempt
 
 
 class _Round:
@@ -287,5 +289,24 @@ class Rounds:
             self._mail.pop((src, tag), None)
 
     def send_async(self, peer_id: str, frame: bytes) -> concurrent.futures.Future:
-        node = self.comm.node
-        return asyncio.run_coroutine_threadsafe(node.call(peer_id, frame, self.comm.cfg.matchmaking_time), node.loop)
+        """Deliver an exchange message (see `_deliver`); the future holds the receiver's reply."""
+        return asyncio.run_coroutine_threadsafe(self._deliver(peer_id, frame), self.comm.node.loop)
+
+    async def _deliver(self, peer_id: str, frame: bytes) -> bytes:
+        # Sent again after a transport error (a dial that failed under load, a stream that broke
+        # after the receiver had the message): its mailbox keeps the first copy, so a repeat is
+        # harmless. Not after a timeout, nor to a peer seen gone, and a few times at most, so a
+        # dead peer costs well under a second.
+        from dtrain.comm.hivemind_node import NodeError
+
+        node, loop = self.comm.node, asyncio.get_running_loop()
+        deadline = loop.time() + self.comm.cfg.matchmaking_time
+        attempt = 0
+        while True:
+            try:
+                return await node.call(peer_id, frame, max(deadline - loop.time(), 0.01))
+            except NodeError as e:
+                attempt += 1
+                if e.timed_out or attempt >= SEND_ATTEMPTS or peer_id in self.comm.dead or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(RESEND_BACKOFF_S * 2 ** (attempt - 1))
