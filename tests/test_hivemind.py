@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,40 +102,44 @@ def test_config_validation_names_the_key():
         validate(Config(initial_peers=["127.0.0.1:3000"]))
 
 
-class ScriptedNode:
-    """Stands in for the DHT reads of `Node` (beside the real-peer tests below): each read returns
+class ScriptedDHT:
+    """Stands in for the DHT under a real `Node` (beside the real-peer tests below): each read returns
     the next scripted {peer id: (record, expiration)}, at the scripted clock."""
 
     def __init__(self, reads: list[tuple[float, dict]]) -> None:
         self.reads = list(reads)
         self.clock = 0.0
 
-    def records_until(self) -> dict:
+    def get(self, key: str, latest: bool = False) -> SimpleNamespace:
         self.clock, read = self.reads.pop(0)
-        return read
-
-    def now(self) -> float:
-        return self.clock
+        return SimpleNamespace(value={pid: SimpleNamespace(value=json.dumps(rec).encode(), expiration_time=until)
+                                      for pid, (rec, until) in read.items()})
 
 
-def test_a_short_dht_read_does_not_drop_a_member_whose_record_is_still_valid():
-    comm = HivemindComm.__new__(HivemindComm)  # membership only: no daemon
-    comm.peer_id, comm.rank, comm.active = "a", 0, True
-    comm.dead, comm.bad, comm.members, comm._seen, comm._seen_lock = set(), set(), {}, {}, threading.Lock()
+def test_a_short_dht_read_does_not_drop_a_member_whose_record_is_still_valid(monkeypatch):
+    from dtrain.comm import hivemind_node
+
+    dht = ScriptedDHT([])
+    node = hivemind_node.Node.__new__(hivemind_node.Node)  # membership reads only: no daemon
+    node.run_id, node.dht, node._closed, node._dht_lock, node._seen = "short", dht, False, threading.Lock(), {}
+    monkeypatch.setattr(hivemind_node, "get_dht_time", lambda: dht.clock)
+    comm = HivemindComm.__new__(HivemindComm)
+    comm.node, comm.peer_id, comm.rank, comm.active = node, "a", 0, True
+    comm.dead, comm.bad, comm.members = set(), set(), {}
     live = lambda rank: {"rank": rank, "active": True, "round": 3}  # noqa: E731
-    comm.node = ScriptedNode([
+    dht.reads = [
         (1.0, {"a": (live(0), 5.0), "b": (live(1), 5.0), "c": (live(2), 5.0)}),
         (2.0, {"a": (live(0), 6.0)}),  # short read: b and c were stored on nodes this read missed
         (3.0, {"a": (live(0), 7.0), "b": (live(1), 7.0), "c": ({"rank": 2, "active": True, "round": 1}, 4.0)}),
         (5.5, {"a": (live(0), 9.0), "b": (live(1), 9.0)}),  # c stopped beating: its record lapsed at 5.0
         (6.0, {"a": (live(0), 9.0), "b": ({"rank": 1, "active": False, "round": 4}, 9.5)}),  # b says it left
-    ])
+    ]
     comm.refresh()
     assert comm.peers() == [0, 1, 2]
     comm.refresh()
     assert comm.peers() == [0, 1, 2]
     comm.refresh()  # an older record of c (earlier expiration) does not replace the newer one
-    assert comm.peers() == [0, 1, 2] and comm._seen["c"][1] == 5.0
+    assert comm.peers() == [0, 1, 2] and node._seen["c"][1] == 5.0
     comm.refresh()
     assert comm.peers() == [0, 1]
     comm.refresh()
@@ -242,24 +248,24 @@ def test_exchange_is_sent_again_after_a_transport_error_but_not_after_a_timeout(
         return await real_call(peer_id, frame, timeout)
 
     comms[0].node.call = flaky_call
+
+    def pair(c, tag):
+        try:
+            return c.exchange([torch.full((3,), float(c.rank))], 1 - c.rank, tag=tag, timeout=5)[0].tolist()
+        except PeerTimeout as e:
+            return str(e)
+
     try:
         for tag, (failing, deliver_first, timed_out) in enumerate([({1}, True, False), ({1, 2, 3, 4, 5}, False, False)]):
             calls.clear()
-
-            def pair(c, tag=tag):
-                try:
-                    return c.exchange([torch.full((3,), float(c.rank))], 1 - c.rank, tag=tag, timeout=5)[0].tolist()
-                except PeerTimeout as e:
-                    return str(e)
-
-            got = on_all(comms, pair)
+            got = on_all(comms, lambda c: pair(c, tag))
             if tag == 0:  # the repeat of a delivered message is ignored: one copy, both sides done
                 assert got == [[1.0] * 3, [0.0] * 3] and len(calls) == 2
             else:  # never got through: a few tries, then rank 0 gives up (rank 1 waits out its timeout)
                 assert "stream broke" in got[0] and "did not answer" in got[1] and len(calls) == 4
         calls.clear()
         failing, deliver_first, timed_out = {1, 2}, False, True
-        got = on_all(comms, lambda c: pair(c, tag=9))
+        got = on_all(comms, lambda c: pair(c, 9))
         assert "stream broke" in got[0] and len(calls) == 1  # a timeout is not sent again
     finally:
         for c in comms:

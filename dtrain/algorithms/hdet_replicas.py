@@ -59,14 +59,14 @@ def share_scores(comm: Comm, mine: float | None) -> list[float | None]:
     return [float(buf[r]) if buf[n + r] > 0 else None for r in range(n)]
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, *, scalars: bool = False) -> list[torch.Tensor]:
-    """The optimizer's floating-point state tensors (with ``scalars``, 0-dim ones such as step too)."""
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's floating-point state tensors that have a shape (not step or other 0-dim ones)."""
     out = []
     for p in optimizer_params(optimizer):
         for key, value in sorted(optimizer.state.get(p, {}).items()):
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 continue
-            if scalars or (key != "step" and value.dim() > 0):
+            if key != "step" and value.dim() > 0:
                 out.append(value)
     return out
 
@@ -84,7 +84,8 @@ def load_optimizer_from(comm: Comm, optimizer: torch.optim.Optimizer, src: int) 
     tensors: list[torch.Tensor] = []
     numbers: list[float] = []
     _collect(state, tensors, numbers)
-    tensors = [t.clone() for t in tensors]  # state_dict may hand out the live tensors
+    # state_dict hands out the live tensors: a broadcast that fails must not leave them half-written
+    tensors = [t.clone() for t in tensors]
     broadcast_from(comm, tensors, src)
     flat = torch.tensor(numbers, dtype=torch.float64)
     if numbers:
@@ -97,7 +98,7 @@ def _is_number(x: Any) -> bool:
 
 
 def _is_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and (x.is_floating_point() or not (x.is_complex() or x.dtype == torch.bool))
+    return isinstance(x, torch.Tensor) and not x.is_complex() and x.dtype != torch.bool
 
 
 def _keys(d: dict) -> list:

@@ -144,8 +144,6 @@ class HivemindComm(Comm):
         self.members: dict[int, str] = {}  # rank -> peer id of live peers (self included)
         self.dead: set[str] = set()  # peer ids seen gone; never readmitted (a restart gets a new id)
         self.bad: set[str] = set()  # peer ids that sent bad data; dropped for the rest of the run
-        self._seen: dict[str, tuple[dict, float]] = {}  # peer id -> (last record read, its expiration)
-        self._seen_lock = threading.Lock()
         self.active = True
         self.rank = -1
         self._stop = threading.Event()
@@ -176,18 +174,7 @@ class HivemindComm(Comm):
         self.node.publish(self.record(), ttl=4 * self.cfg.heartbeat)
 
     def refresh(self) -> dict[str, dict]:
-        # One DHT read can miss records (a store that reached only some nodes, a slow node under
-        # load). A record seen before stays until its own expiration unless a read brings one that
-        # lasts longer (the DHT's own rule per subkey), so a member drops out when it stops
-        # beating, not when one read comes back short.
-        read = self.node.records_until()
-        with self._seen_lock:  # the heartbeat thread and the training thread both refresh
-            for pid, (rec, until) in read.items():
-                if pid not in self._seen or until >= self._seen[pid][1]:
-                    self._seen[pid] = (rec, until)
-            now = self.node.now()
-            self._seen = {pid: (rec, until) for pid, (rec, until) in self._seen.items() if until >= now}
-            recs = {pid: rec for pid, (rec, _) in self._seen.items()}
+        recs = self.node.records()
         live: dict[int, str] = {}
         for pid, rec in recs.items():
             if pid in self.dead or pid in self.bad or not rec.get("active", False):

@@ -53,6 +53,7 @@ class Node:
         self._handler = handler
         self._closed = False
         self._dht_lock = threading.Lock()
+        self._seen: dict[str, tuple[dict[str, Any], float]] = {}  # peer id -> (last record read, its expiration)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="hivemind-comm-loop", daemon=True)
         self._thread.start()
@@ -142,35 +143,23 @@ class Node:
             self.dht.store(self.members_key(), blob, get_dht_time() + ttl, subkey=self.peer_id)
 
     def records(self) -> dict[str, dict[str, Any]]:
-        """peer id -> record, for every unexpired record under this run id (garbage skipped)."""
-        return {pid: rec for pid, (rec, _) in self.records_until().items()}
+        """peer id -> record, for every unexpired record under this run id (garbage skipped).
 
-    @staticmethod
-    def now() -> float:
-        """The DHT's clock, which record expirations are in."""
-        return get_dht_time()
-
-    def records_until(self) -> dict[str, tuple[dict[str, Any], float]]:
-        """peer id -> (record, its expiration time on the DHT clock), unexpired records only."""
+        One DHT read can miss records (a store that reached only some nodes, a slow node under
+        load). A record read before stays until its own expiration unless a read brings one that
+        lasts longer (the DHT's own rule per subkey), so a peer drops out when it stops beating or
+        says it left, not when one read comes back short.
+        """
         if self.dht is None or self._closed:
             return {}
-        with self._dht_lock:
+        with self._dht_lock:  # the heartbeat thread and the training thread both read
             found = self.dht.get(self.members_key(), latest=True)
-        out: dict[str, tuple[dict[str, Any], float]] = {}
-        if found is None or not isinstance(found.value, dict):
-            return out
-        now = get_dht_time()
-        for subkey, item in found.value.items():
-            value, expires = getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
-            if not isinstance(subkey, str) or not isinstance(value, bytes) or expires < now:
-                continue
-            try:
-                rec = json.loads(value.decode())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("rank"), int) and not isinstance(rec.get("rank"), bool):
-                out[subkey] = (rec, float(expires))
-        return out
+            now = get_dht_time()
+            for pid, (rec, until) in _decode_records(found, now).items():
+                if pid not in self._seen or until >= self._seen[pid][1]:
+                    self._seen[pid] = (rec, until)
+            self._seen = {pid: (rec, until) for pid, (rec, until) in self._seen.items() if until >= now}
+            return {pid: rec for pid, (rec, _) in self._seen.items()}
 
     # -- shutdown ---------------------------------------------------------------------
     def close(self) -> None:
@@ -202,3 +191,21 @@ class Node:
         deadline = time.monotonic() + 5
         while self.dht is not None and self.dht.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _decode_records(found: Any, now: float) -> dict[str, tuple[dict[str, Any], float]]:
+    """peer id -> (record, expiration) from a DHT read of the membership key; expired or garbled entries skipped."""
+    out: dict[str, tuple[dict[str, Any], float]] = {}
+    if found is None or not isinstance(found.value, dict):
+        return out
+    for subkey, item in found.value.items():
+        value, expires = getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
+        if not isinstance(subkey, str) or not isinstance(value, bytes) or expires < now:
+            continue
+        try:
+            rec = json.loads(value.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("rank"), int) and not isinstance(rec.get("rank"), bool):
+            out[subkey] = (rec, float(expires))
+    return out
