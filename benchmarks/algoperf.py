@@ -8,8 +8,9 @@ optimizers Prodigy, D-Adaptation Adam, DoG, Mechanic and Schedule-Free AdamW, ea
   *_default     the literature defaults, out of the box (no warm-up, schedule, decay or clipping)
   *_calibrated  one setting shared by all workloads, picked by ``--calibrate`` (below)
 
-Every submission runs on every workload (digits_cnn, ctr, seq_rnn, char_lm) with ``--trials``
-seeds through the same harness as ``dtrain score`` (dtrain.scoring), one worker, one thread.
+Every submission runs on every workload (digits_cnn, ctr, seq_rnn, char_lm) with ``--studies``
+studies of ``--trials`` seeds through the same harness and AlgoPerf v0.6 rules as ``dtrain score``
+(dtrain.scoring: median over studies of each study's fastest trial), one worker, one thread.
 
     python benchmarks/algoperf.py --out benchmarks/results/algoperf.json --md benchmarks/results/algoperf.md
     python benchmarks/algoperf.py --quick                 # 5 submissions x 3 small workloads x 1 trial
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from dtrain.scoring.profiles import Scores, score_submissions  # noqa: E402
 from dtrain.scoring.report import format_markdown, format_table, plot_profiles, to_json, write_json  # noqa: E402
-from dtrain.scoring.runner import WORKLOAD_RUNS, plan, run_study  # noqa: E402
+from dtrain.scoring.runner import WORKLOAD_RUNS, plan, run_study, study_table  # noqa: E402
 
 SUBMISSIONS_DIR = ROOT / "configs" / "submissions"
 BASELINE = "nadamw"
@@ -164,9 +165,7 @@ def calibrate(args: argparse.Namespace) -> int:
     # grid warm-up is 5% of each workload's budget: the harness's per-workload default
     results = run_study(trials, threads=1, in_process=not args.isolate, timeout_s=args.timeout,
                         echo=lambda s: print(s, flush=True))
-    table: dict[str, dict[str, list[float]]] = {}
-    for r in results:
-        table.setdefault(r.submission, {}).setdefault(r.workload, []).append(r.time_s)
+    table = study_table(results)
     closeness: dict[str, list[float]] = {}
     for r in results:
         closeness.setdefault(r.submission, []).append(progress(r.out_dir))
@@ -193,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="5 submissions x 3 small workloads x 1 trial (a few minutes)")
     p.add_argument("--calibrate", action="store_true", help="run the calibration sweep instead of the study")
-    p.add_argument("--trials", type=int, default=None, help="seeds per submission and workload (default 2; quick 1)")
+    p.add_argument("--trials", type=int, default=None, help="trials (seeds) per study (default 2; quick 1)")
+    p.add_argument("--studies", type=int, default=1, help="studies per submission and workload (AlgoPerf v0.6: 3)")
     p.add_argument("--workloads", default=None, help="comma-separated (default all four; quick: the three small ones)")
     p.add_argument("--root", default=str(ROOT / "runs" / "algoperf"), help="where the trials' run folders go")
     p.add_argument("--out", default=None, help="write the scores JSON here")
@@ -214,21 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"algoperf: missing submission files: {', '.join(missing)}", file=sys.stderr)
         return 2
-    trials = plan(subs, workloads, trials=n_trials, root=root)
-    print(f"algoperf: {len(subs)} submissions x {len(workloads)} workloads x {n_trials} trials = {len(trials)} trials "
-          f"under {root}", flush=True)
+    trials = plan(subs, workloads, trials=n_trials, studies=args.studies, root=root)
+    print(f"algoperf: {len(subs)} submissions x {len(workloads)} workloads x {args.studies} studies x {n_trials} trials "
+          f"= {len(trials)} trials under {root}", flush=True)
     start = time.perf_counter()
     results = run_study(trials, threads=1, in_process=not args.isolate, timeout_s=args.timeout,
                         echo=lambda s: print(s, flush=True))
-    table: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-    for r in results:
-        table[r.submission].setdefault(r.workload, []).append(r.time_s)
-    scores = score_submissions(table, workloads=workloads)
+    scores = score_submissions(study_table(results, names=names), workloads=workloads)
     print("\n" + format_table(scores, results) + "\n")
-    steps: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    steps: dict[str, dict[str, dict[int, list[float]]]] = {n: {} for n in names}
     for r in results:
-        steps[r.submission].setdefault(r.workload, []).append(steps_to_target(r.out_dir) if math.isfinite(r.time_s) else math.inf)
-    by_steps = score_submissions(steps, workloads=workloads)
+        steps[r.submission].setdefault(r.workload, {}).setdefault(r.study, []).append(
+            steps_to_target(r.out_dir) if math.isfinite(r.time_s) else math.inf)
+    steps_table = {s: {w: [st[j] for j in sorted(st)] for w, st in per_w.items()} for s, per_w in steps.items()}
+    by_steps = score_submissions(steps_table, workloads=workloads)
     print("Diagnostic: the same scoring on steps to target instead of seconds (immune to machine load,\n"
           "blind to per-step cost):\n" + format_table(by_steps, unit=" steps") + "\n")
     lines = summary_lines(scores)
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["Failed trials (counted as misses):", *failed]
     print("\n".join(lines))
     meta = {
-        "benchmark": "algoperf", "quick": args.quick, "trials_per_workload": n_trials, "workloads_run": {w: WORKLOAD_RUNS[w] for w in workloads},
+        "benchmark": "algoperf", "quick": args.quick, "trials_per_study": n_trials, "studies": args.studies, "workloads_run": {w: WORKLOAD_RUNS[w] for w in workloads},
         "machine": {"cpus": torch.get_num_threads(), "cores": __import__("os").cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "study_wall_s": time.perf_counter() - start,  # this invocation (small when it only re-scored)
@@ -251,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
     if args.md:
         budgets = ", ".join(f"{w} {WORKLOAD_RUNS[w]['steps']} steps" for w in workloads)
-        head = (f"AlgoPerf-style score of each submission ({n_trials} trials each, best trial per workload; "
+        head = (f"AlgoPerf v0.6-rule score of each submission ({args.studies} studies x {n_trials} trials; per workload "
+                f"the median over studies of each study's fastest trial; "
                 f"time = training seconds to the validation target, evaluation excluded; ratio to the fastest "
                 f"submission; a miss is a target not reached in the step budget or later than 4x the fastest). "
                 f"One worker and one torch thread per trial on a {__import__('os').cpu_count()}-core machine "

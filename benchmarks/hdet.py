@@ -62,13 +62,17 @@ def hdet_settings(steps: int, *, grad_sync: bool, form: str = "select") -> dict[
     the first converge to the end of the warm-up ramp with replicas scored by the probe (one shared
     held-out batch at their interval-mean parameters, every 5% of the run). no probe (the earlier
     form): the same, scored by their own training losses every 1/60 of the run.
+
+    Every option these forms depend on is passed, not left to HDET's defaults (``auto_lr_alpha=None``:
+    the controller forms steer from the first round, as measured, without the significance test).
     """
     every = max(2, steps // 60) if form == "no probe" else max(2, steps // 20)
     out = dict(spread=1.0, spacing="log", converge_every=every, auto_lr_warmup=every, auto_lr_mode="scale",
-               auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5, auto_lr_sigma=0.03,
-               auto_lr_gain=1.0, per_group=False, grad_sync=grad_sync, probe_batches=0 if form == "no probe" else 1)
-    if form == "select":
-        out.update(select_steps=steps // 10, select_range=10.0, auto_lr_stop=steps // 10)
+               auto_lr_alpha=None, auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5,
+               auto_lr_sigma=0.03, auto_lr_gain=1.0, auto_lr_window=None, per_group=False, reshuffle=True,
+               average_optimizer_state=False, grad_sync=grad_sync, probe_batches=0 if form == "no probe" else 1)
+    if form == "select":  # HDET's one switch: auto_lr_mode="select" (here with its 10% and x10 spelled out)
+        out.update(auto_lr_mode="select", select_steps=steps // 10, select_range=10.0, auto_lr_stop=steps // 10)
     return out
 
 

@@ -131,7 +131,7 @@ def finetune(system: str, args: argparse.Namespace, ckpt: str, data_path: str) -
         lr = args.lora_lr
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr,
                             betas=(0.9, 0.95), foreach=True)
-    lisa = LISA(model, opt, blocks="blocks", gamma=args.gamma, interval=args.interval, seed=args.seed) if system == "lisa" else None
+    lisa = LISA(opt, None, model=model, blocks="blocks", gamma=args.gamma, interval=args.interval, seed=args.seed) if system == "lisa" else None
     sched = _schedule(opt, steps=args.steps, warmup=10)
     params = list(model.parameters())
     peak_grad = peak_state = peak_trainable = 0

@@ -76,7 +76,7 @@ def worker_main(argv: list[str]) -> int:
     from dtrain import config as dconfig
     from dtrain.cli import main
 
-    dconfig.WORKLOADS["slow_char_lm"] = __name__
+    dconfig.register_workload("slow_char_lm", __name__)
     return main(["train", *argv])
 
 

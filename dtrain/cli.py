@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 USAGE = """usage: dtrain train [CONFIG.yaml] [key=value ...]   train (alone, or under torchrun / accelerate launch)
        dtrain score ...                             score submissions AlgoPerf-style (dtrain score -h)
@@ -11,7 +13,9 @@ USAGE = """usage: dtrain train [CONFIG.yaml] [key=value ...]   train (alone, or 
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"dtrain: error: {msg}", file=sys.stderr)
+    from dtrain.report import stderr_line
+
+    stderr_line(f"dtrain: error: {msg}")
     return code
 
 
@@ -46,26 +50,41 @@ def main(argv: list[str] | None = None) -> int:
     if command == "config":
         print(to_yaml(cfg), end="")
         return 0
+    from dtrain.train import run
+
+    return run_and_report(cfg, lambda: run(cfg))
+
+
+def run_and_report(cfg: Any, train: Callable[[], dict[str, Any] | None]) -> int:
+    """Run ``train()`` the way `dtrain train` does: a one-line error and exit code 1 for what a
+    user can fix, the done line on rank 0. Shared by the fault-injection driver."""
     from dtrain.checkpoint import CheckpointError
     from dtrain.comm.base import CommError
-    from dtrain.train import TrainingError, run
+    from dtrain.run_dir import RunDirError
+    from dtrain.train import TrainingError, WorkerStopped
 
     try:
-        summary = run(cfg)
-    except (CheckpointError, TrainingError, CommError, ValueError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+        summary = train()
+    except (CheckpointError, TrainingError, CommError, RunDirError, ValueError) as e:
+        code = 1 if isinstance(e, WorkerStopped) else _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+        if cfg.comm.name == "torch":
+            # The others were told and are leaving; a gloo group torn down while a peer still sat in
+            # a collective can hold interpreter exit for seconds, so leave at once (outputs are on disk).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         return _fail("interrupted; continue with resume=true", 130)
     if summary is not None:
         ev = summary["eval"]
         print(
-            f"done: {summary['algorithm']} on {summary['workload']}, {summary['world_size']} workers, "
+            f"done: {' + '.join(summary['algorithms'])} on {summary['workload']}, {summary['world_size']} workers, "
             f"{summary['steps']} steps in {summary['wall_s']:.1f}s; {ev['metric']}={ev['value']:.4f} "
             f"(target {ev['target']}, reached={summary['reached_target']}); "
             f"bytes sent/worker (max) {summary['comm']['max'].get('bytes_sent', 0):,}; summary: {cfg.out_dir}/summary.json"
         )
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,14 +2,60 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-TORCH_OPTIMIZERS = ("adamw", "sgd")
-DEFAULT_LR = 3e-3  # adamw and sgd when optim.lr is not set
+TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+# dtrain's own points for torch's optimizers (the learning-rate-free ones keep their published defaults).
+ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8},
+    "sgd": {"lr": 3e-3, "momentum": 0.9},
+}
+HYPER_KEYS = ("lr", "betas", "eps", "momentum")  # optim keys that go to the constructor when set
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    if name in TORCH_OPTIMIZERS:
+        return TORCH_OPTIMIZERS[name]
+    import optimizers  # the learning-rate-free package, optional at import time of dtrain
+
+    classes = getattr(optimizers, "_CLASSES", {})
+    if name not in classes:
+        raise ValueError(f"optim.name={name!r} is not known; choose one of {sorted([*TORCH_OPTIMIZERS, *classes])}")
+    return classes[name]
+
+
+def constructor_kwargs(cfg: Any) -> dict[str, Any]:
+    """What the optimizer constructor gets beyond the param groups: engine defaults for torch's
+    optimizers, then every optim key the user set (lr, betas, eps, momentum, kwargs.*)."""
+    hyper = dict(ENGINE_DEFAULTS.get(cfg.name, {}))
+    for key in HYPER_KEYS:
+        value = cfg.get(key)
+        if value is not None:
+            hyper[key] = tuple(value) if key == "betas" else value
+    extra = cfg.get("kwargs") or {}
+    extra = OmegaConf.to_container(extra) if OmegaConf.is_config(extra) else dict(extra)
+    hyper.update({k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()})
+    return hyper
+
+
+def check_reaches_constructor(cfg: Any) -> None:
+    """Refuse an optim key the chosen optimizer would not receive (one line naming it)."""
+    cls = optimizer_class(cfg.name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    user = [k for k in HYPER_KEYS if cfg.get(k) is not None] + [f"kwargs.{k}" for k in (cfg.get("kwargs") or {})]
+    for key in user:
+        name = key.removeprefix("kwargs.")
+        if name not in accepted:
+            raise ValueError(f"optim.{key} does not reach {cfg.name} ({cls.__name__} takes {', '.join(accepted)}); "
+                             "remove it or pick an optimizer that has it")
+        if name in ("params", "weight_decay"):
+            raise ValueError(f"optim.{key}: set optim.{name} itself, not through kwargs")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -34,18 +80,12 @@ def preset_of(cfg: Any) -> dict[str, Any]:
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
     # Groups carry weight decay, so a preset's value must go there or it would be overridden.
     groups = param_groups(model, preset_of(cfg).get("weight_decay", cfg.weight_decay))
-    lr = DEFAULT_LR if cfg.lr is None else cfg.lr
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, foreach=True)
-    import optimizers  # the learning-rate-free package, optional at import time of dtrain
+    hyper = constructor_kwargs(cfg)
+    if cfg.name in TORCH_OPTIMIZERS:
+        return TORCH_OPTIMIZERS[cfg.name](groups, foreach=True, **hyper)
+    import optimizers
 
-    names = tuple(TORCH_OPTIMIZERS) + tuple(getattr(optimizers, "OPTIMIZERS", ()))
-    if cfg.name not in names:
-        raise ValueError(f"optim.name={cfg.name!r} is not known; choose one of {sorted(names)}")
-    # Learning-rate-free methods keep their own default lr (1.0 for most) unless one is given.
-    hyper: dict[str, Any] = {} if cfg.lr is None else {"lr": cfg.lr}
+    optimizer_class(cfg.name)  # a one-line error for an unknown name
     return optimizers.create(cfg.name, groups, preset=cfg.preset, **hyper)
 
 

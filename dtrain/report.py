@@ -10,6 +10,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
+def stderr_line(text: str) -> None:
+    """One line to stderr in a single write, so lines of processes sharing a terminal never merge."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+class RunNotes:
+    """Warnings of one run: each printed once as a ``dtrain: warning:`` line and kept for summary.json.
+
+    Run-wide warnings print on rank 0 only; ``every_rank=True`` for what only this worker knows.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.items: list[str] = []
+
+    def warn(self, message: str, *, every_rank: bool = False) -> None:
+        if message in self.items:
+            return
+        self.items.append(message)
+        if every_rank or self.rank == 0:
+            stderr_line(f"dtrain: warning: {message}")
+
+
 COMM_FIELDS = ("bytes_sent", "bytes_recv", "payload_bytes", "messages", "collectives", "blocked_s")
 
 

@@ -2,6 +2,8 @@
 
 `run(cfg)` starts the workers (threads for comm=local, else this process is one worker under
 torchrun), trains, evaluates, checkpoints, and returns the summary on rank 0 (None elsewhere).
+One worker's run is a `Worker`: `start` (claim out_dir, resume or join), then per step
+`train_step`, `log_row`, `maybe_eval`, `maybe_checkpoint`, and `finish` (summary.json).
 """
 
 from __future__ import annotations
@@ -10,22 +12,26 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dtrain import checkpoint
-from dtrain.algorithms.base import AttachContext, Attached
+from dtrain import checkpoint, run_dir
+from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
 from dtrain.comm.base import Comm, CommError, CommStats
 from dtrain.config import section_module
 from dtrain.optim import build_optimizer, build_scheduler
-from dtrain.report import MetricsLog, Progress, aggregate_comm, finite_or_none, peak_mem_bytes, plot_loss, write_json
+from dtrain.report import MetricsLog, Progress, RunNotes, stderr_line, aggregate_comm, finite_or_none, peak_mem_bytes, plot_loss, write_json
+from dtrain.guards import NonfiniteGuard, TrainingError, refuse_nonfinite_weights, skipped_updates, warn_noops
+from dtrain.run_start import checkpoint_path, one_line, open_run
+from dtrain.run_state import RunState
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what to change."""
+class WorkerStopped(TrainingError):
+    """This worker failed; its one-line reason has been printed and told to the other workers."""
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -40,9 +46,30 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     _set_threads(cfg, workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     comm = section_module("comm", cfg.comm.name).connect(cfg.comm)
     try:
-        return train_worker(cfg, comm)
+        return run_worker(cfg, comm)
     finally:
         comm.close()
+
+
+def run_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
+    """`train_worker` as one process of a multi-process job: a failing peer stops this process
+    within seconds with the peer's reason, and a failure here is told to the peers."""
+    comm.watch_failures(_stop_this_process)
+    try:
+        return train_worker(cfg, comm)
+    except BaseException as e:
+        reason = one_line(e)
+        comm.report_failure(reason)  # first: from here on a peer's reason is not printed as ours
+        # Said here, not by the caller: the first peer to exit makes torchrun stop this process
+        # too, perhaps before the caller could print it (peers poll the reason every 0.5 s).
+        stderr_line(f"dtrain: error: {reason}")
+        raise WorkerStopped(reason) from e
+
+
+def _stop_this_process(reason: str) -> None:
+    """Another worker failed: leave now with its reason instead of waiting on it in a collective."""
+    stderr_line(f"dtrain: error: {reason}")
+    os._exit(1)
 
 
 def _set_threads(cfg: DictConfig, *, workers_here: int) -> None:
@@ -50,177 +77,236 @@ def _set_threads(cfg: DictConfig, *, workers_here: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _build(cfg: DictConfig, comm: Comm) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer, Attached, Any, Any]:
-    workload = section_module("workload", cfg.workload.name).build(cfg.workload, seed=cfg.seed)
-    model = workload.build_model()
-    optimizer = build_optimizer(cfg.optim, model)
-    ctx = AttachContext(
-        model=model, optimizer=optimizer, comm=comm, seed=cfg.seed, total_steps=cfg.steps,
-        lr=optimizer.param_groups[0]["lr"], workload=workload, loss_fn=workload.loss,
-    )
-    lisa = None
-    if cfg.lisa.enabled:
-        from dtrain.algorithms.lisa import attach_lisa
-
-        lisa = attach_lisa(cfg.lisa, ctx)
-    attached = section_module("algo", cfg.algo.name).attach(cfg.algo, ctx)
-    scheduler = attached.scheduler or build_scheduler(cfg.optim, optimizer, cfg.steps)
-    return workload, model, optimizer, attached, scheduler, lisa
-
-
-def _resume_step(cfg: DictConfig, comm: Comm) -> int | None:
-    """The newest step that every worker can load (agreed with one min all-reduce), or None."""
-    local = -1
-    for step in reversed(checkpoint.steps_available(cfg.out_dir, comm.rank)):
-        try:
-            checkpoint.load(cfg.out_dir, comm.rank, step)
-            local = step
-            break
-        except checkpoint.CheckpointError:
-            continue
-    agreed = torch.tensor([float(local)])
-    comm.all_reduce([agreed], op="min")
-    step = int(agreed.item())
-    if step < 0:
-        if local >= 0 or checkpoint.steps_available(cfg.out_dir, comm.rank):
-            raise TrainingError(f"resume=true but some worker has no readable checkpoint in {cfg.out_dir}; set resume=false to start over")
-        return None
-    return step
-
-
 def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
-    rank, world = comm.rank, comm.world_size
-    out = Path(cfg.out_dir)
-    workload, model, optimizer, attached, scheduler, lisa = _build(cfg, comm)
-    algo = attached.algorithm
-    state: dict[str, Any] = {
-        "train_time_s": 0.0, "wall_s": 0.0, "time_to_target_s": None, "nonfinite_steps": 0,
-        "initial_eval": None, "comm": CommStats().as_dict(),
-    }
-    start = _resume_step(cfg, comm) if cfg.resume else None
-    if start is not None:
-        saved = checkpoint.load(cfg.out_dir, rank, start)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        algo.load_state_dict(saved["algorithm"])
-        if lisa is not None:
-            lisa.load_state_dict(saved["lisa"])
-        state.update(saved["run"])
-    first = start or 0
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    bar = Progress(enabled=cfg.progress and rank == 0, total=cfg.steps, initial=first)
-    window = comm.stats.copy()  # counters cover training only (setup collectives excluded)
-    saved_comm = CommStats(**state["comm"])
+    """One worker's whole run on ``comm``; the summary on rank 0, None elsewhere."""
+    lock = run_dir.RunDirLock(cfg.out_dir, comm.rank)  # before anything is written to out_dir
+    try:
+        return Worker(cfg, comm).train()
+    finally:
+        lock.release()
 
-    def comm_now() -> CommStats:
-        total = saved_comm.copy()
-        delta = comm.stats - window
-        for k, v in delta.as_dict().items():
-            setattr(total, k, getattr(total, k) + v)
-        return total
 
-    log = MetricsLog(out / "metrics.jsonl", resume_step=start) if rank == 0 else None
-    if start is None:
-        state["initial_eval"] = _evaluate(workload, model, optimizer)[workload.metric]
-        if log is not None:
-            log.write({"step": 0, "wall_s": 0.0, "train_time_s": 0.0, "eval": finite_or_none(state["initial_eval"]),
-                       "metric": workload.metric, "bytes_sent": 0, "bytes_recv": 0})
-    consecutive_bad, last_loss, eval_result = 0, float("nan"), None
-    wall0 = time.perf_counter() - state["wall_s"]
-    recent: list[float] = []
-    for step in range(first, cfg.steps):
+@dataclass
+class Parts:
+    """What the config builds for one worker, through the same public API a user's loop uses."""
+
+    workload: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    attached: Attached
+    scheduler: Any
+    lisa: Any
+
+    @classmethod
+    def build(cls, cfg: DictConfig, comm: Comm) -> Parts:
+        workload = section_module("workload", cfg.workload.name).build(cfg.workload, seed=cfg.seed)
+        model = workload.build_model()
+        algo = section_module("algo", cfg.algo.name)
+        own = getattr(algo, "make_optimizer", None)  # an algorithm that is the optimizer (SPSA) builds itself
+        optimizer = (own(cfg.algo, model, comm, lr=cfg.optim.lr, seed=cfg.seed) if own is not None
+                     else build_optimizer(cfg.optim, model))
+        ctx = AttachContext(
+            model=model, optimizer=optimizer, comm=comm, seed=cfg.seed, total_steps=cfg.steps,
+            lr=optimizer.param_groups[0]["lr"], workload=workload,
+        )
+        lisa = None
+        if cfg.lisa is not None:
+            # LISA hooks first: at a step where it switches and the outer algorithm syncs, the sync
+            # already sees the release, so the frozen blocks' outer state is freed at that sync.
+            from dtrain.algorithms.lisa import LISA
+
+            lisa = LISA.attach(cfg.lisa, ctx).algorithm
+        attached = algo.attach(cfg.algo, ctx)
+        if lisa is not None and isinstance(attached.algorithm, OptimizerHook):  # SPSA keeps no per-parameter state
+            lisa.notify(attached.algorithm)
+        scheduler = attached.scheduler or build_scheduler(cfg.optim, optimizer, cfg.steps)
+        return cls(workload, model, optimizer, attached, scheduler, lisa)
+
+    @property
+    def algorithm(self) -> Any:
+        return self.attached.algorithm
+
+    def state_dicts(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "algorithm": self.algorithm.state_dict(),
+                "lisa": self.lisa.state_dict() if self.lisa is not None else {}}
+
+    def load_state_dicts(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.algorithm.load_state_dict(saved["algorithm"])
+        if self.lisa is not None:
+            self.lisa.load_state_dict(saved["lisa"])
+
+
+class Worker:
+    """One worker's run of the loop."""
+
+    def __init__(self, cfg: DictConfig, comm: Comm) -> None:
+        self.cfg, self.comm = cfg, comm
+        self.rank, self.world = comm.rank, comm.world_size
+        self.out = Path(cfg.out_dir)
+        self.notes = RunNotes(self.rank)
+        self.parts = Parts.build(cfg, comm)
+        warn_noops(cfg, self.world, self.parts.workload, self.notes)
+        self.ident = run_dir.identity(cfg, self.world)
+        self.state = RunState()
+        self.start: int | None = None
+        self.guard = NonfiniteGuard(cfg.max_nonfinite, self.rank)
+        self.last_loss, self.recent, self.eval_result = float("nan"), [], None
+
+    # -- start ------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Claim out_dir, resume or join, and write the run's own files (rank 0)."""
+        self.start, saved = open_run(self.cfg, self.comm, self.ident, self.notes)
+        if self.start is not None:
+            run_dir.check_model_shapes(saved["model"], self.parts.model.state_dict(),
+                                       where=checkpoint_path(self.cfg, self.rank, self.start))
+            self.parts.load_state_dicts(saved)
+            self.state.load_state_dict(saved["run"])
+        self.comm.activate()  # state loaded: a joiner takes part from here on (a no-op for everyone else)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+            if self.start is None:
+                run_dir.write_run_record(self.out, self.ident)
+        self.comm_before = self.state.comm.copy()
+        self.window = self.comm.stats.copy()  # counters cover training only (setup collectives excluded)
+        self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start) if self.rank == 0 else None
+        self.wall0 = time.perf_counter() - self.state.wall_s
+
+    def comm_now(self) -> CommStats:
+        return self.comm_before + (self.comm.stats - self.window)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> dict[str, Any] | None:
+        self.begin()
+        p, cfg = self.parts, self.cfg
+        if self.start is None:
+            self.state.initial_eval = _evaluate(p.workload, p.model, p.optimizer)[p.workload.metric]
+            self.write({"step": 0, "wall_s": 0.0, "train_time_s": 0.0, "eval": finite_or_none(self.state.initial_eval),
+                        "metric": p.workload.metric, "bytes_sent": 0, "bytes_recv": 0})
+        bar = Progress(enabled=cfg.progress and self.rank == 0, total=cfg.steps, initial=self.start or 0)
+        for step in range(self.start or 0, cfg.steps):
+            t0 = time.perf_counter()
+            batch = p.workload.train_batch(step, self.rank, self.world)
+            self.train_step(step, batch)
+            done = step + 1
+            bar.update(1, loss=self.last_loss, tokens_per_s=_items(batch) / max(time.perf_counter() - t0, 1e-9),
+                       bytes_sent=self.comm_now().bytes_sent)
+            self.log_row(done)
+            self.maybe_eval(done)
+            self.maybe_checkpoint(done)
+            self.comm.serve_state(lambda: {"step": done, **self.snapshot()})
+            if cfg.stop_at_target and done % cfg.eval_every == 0 and _all_reached(self.comm, self.state.time_to_target_s is not None):
+                break
+        bar.close()
+        return self.finish()
+
+    def train_step(self, step: int, batch: Any) -> None:
+        p = self.parts
         t0 = time.perf_counter()
-        batch = workload.train_batch(step, rank, world)
-        loss = _train_step(cfg, model, optimizer, attached, workload, batch)
-        if attached.scheduler_takes_loss:
-            scheduler.step(loss if math.isfinite(loss) else None)
+        skipped_before = skipped_updates(p.algorithm)
+        talked_before = (self.comm.stats.collectives, self.comm.stats.messages)
+        loss = _train_step(self.cfg, p.model, p.optimizer, p.attached, p.workload, batch)
+        if p.attached.scheduler_takes_loss:
+            p.scheduler.step(loss if math.isfinite(loss) else None)
         else:
-            scheduler.step()
-        state["train_time_s"] += time.perf_counter() - t0
+            p.scheduler.step()
+        self.state.train_time_s += time.perf_counter() - t0
         if math.isfinite(loss):
-            consecutive_bad, last_loss = 0, loss
-            recent.append(loss)
+            self.last_loss = loss
+            self.recent.append(loss)
         else:
-            consecutive_bad += 1
-            state["nonfinite_steps"] += 1
-            if consecutive_bad >= cfg.max_nonfinite:
-                raise TrainingError(
-                    f"loss was NaN/Inf for {consecutive_bad} consecutive steps (rank {rank}, step {step}); "
-                    "lower optim.lr, enable optim.grad_clip, or check the data"
-                )
-        done = step + 1
-        stats = comm_now()
-        bar.update(1, loss=last_loss, tokens_per_s=_items(batch) / max(time.perf_counter() - t0, 1e-9), bytes_sent=stats.bytes_sent)
-        if log is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            log.write({
-                "step": done, "wall_s": time.perf_counter() - wall0, "train_time_s": state["train_time_s"],
-                "loss": finite_or_none(sum(recent) / len(recent)) if recent else None,
-                "lr": optimizer.param_groups[0]["lr"], "bytes_sent": stats.bytes_sent, "bytes_recv": stats.bytes_recv,
-            })
-            recent = []
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            eval_result = _evaluate(workload, model, optimizer)
-            value = eval_result[workload.metric]
-            if state["time_to_target_s"] is None and workload.reached(value):
-                state["time_to_target_s"] = state["train_time_s"]
-            if log is not None:
-                log.write({"step": done, "wall_s": time.perf_counter() - wall0, "train_time_s": state["train_time_s"],
-                           "eval": finite_or_none(value), "metric": workload.metric, "bytes_sent": stats.bytes_sent,
-                           "bytes_recv": stats.bytes_recv})
-        if cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            state["wall_s"] = time.perf_counter() - wall0
-            state["comm"] = comm_now().as_dict()
-            checkpoint.save(out, rank, done, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "algorithm": algo.state_dict(), "lisa": lisa.state_dict() if lisa is not None else {}, "run": dict(state),
-            })
-        if cfg.stop_at_target and done % cfg.eval_every == 0 and _all_reached(comm, state["time_to_target_s"] is not None):
-            break
-    bar.close()
-    if eval_result is None:
-        eval_result = _evaluate(workload, model, optimizer)
-    state["wall_s"] = time.perf_counter() - wall0
-    record = {
-        "rank": rank, "steps": cfg.steps, "final_loss": finite_or_none(last_loss),
-        "eval": {k: finite_or_none(v) for k, v in eval_result.items()}, "train_time_s": state["train_time_s"],
-        "wall_s": state["wall_s"], "time_to_target_s": state["time_to_target_s"], "nonfinite_steps": state["nonfinite_steps"],
-        "initial_eval": finite_or_none(state.get("initial_eval")), "resumed_from": start,
-        "skipped_steps": getattr(algo, "skipped_steps", 0), "peak_mem_bytes": peak_mem_bytes(),
-        "comm": comm_now().as_dict(), "algorithm": getattr(algo, "report", dict)(),
-        "lisa": lisa.report() if lisa is not None else None,
-    }
-    if log is not None:
-        log.close()
-    records = _gather_records(comm, record)
-    if rank != 0:
-        return None
-    summary = _summary(cfg, workload, world, records)
-    write_json(out / "summary.json", summary)
-    if cfg.plot:
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-    return summary
+            self.state.nonfinite_steps += 1
+        self.guard.observe(step, loss, skipped=skipped_updates(p.algorithm) > skipped_before,
+                           talked=(self.comm.stats.collectives, self.comm.stats.messages) != talked_before)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(row)
+
+    def log_row(self, done: int) -> None:
+        if done % self.cfg.log_every and done != self.cfg.steps:
+            return
+        stats = self.comm_now()
+        self.write({"step": done, "wall_s": time.perf_counter() - self.wall0, "train_time_s": self.state.train_time_s,
+                    "loss": finite_or_none(sum(self.recent) / len(self.recent)) if self.recent else None,
+                    "lr": self.parts.optimizer.param_groups[0]["lr"], "bytes_sent": stats.bytes_sent,
+                    "bytes_recv": stats.bytes_recv})
+        self.recent = []
+
+    def maybe_eval(self, done: int) -> None:
+        if done % self.cfg.eval_every and done != self.cfg.steps:
+            return
+        p = self.parts
+        self.eval_result = _evaluate(p.workload, p.model, p.optimizer)
+        value = self.eval_result[p.workload.metric]
+        if self.state.time_to_target_s is None and p.workload.reached(value):
+            self.state.time_to_target_s = self.state.train_time_s
+        stats = self.comm_now()
+        self.write({"step": done, "wall_s": time.perf_counter() - self.wall0, "train_time_s": self.state.train_time_s,
+                    "eval": finite_or_none(value), "metric": p.workload.metric, "bytes_sent": stats.bytes_sent,
+                    "bytes_recv": stats.bytes_recv})
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a checkpoint (or a joining peer) needs to continue this worker's trajectory."""
+        self.state.wall_s = time.perf_counter() - self.wall0
+        self.state.comm = self.comm_now()
+        return {**self.parts.state_dicts(), "run": self.state.state_dict()}
+
+    def maybe_checkpoint(self, done: int) -> None:
+        every = self.cfg.ckpt_every
+        if not every or (done % every and done != self.cfg.steps):
+            return
+        refuse_nonfinite_weights(self.parts.model, self.rank, done)  # a bad checkpoint must never rotate out a good one
+        checkpoint.save(self.out, self.rank, done, {"identity": self.ident, **self.snapshot()})
+
+    # -- the end ------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any] | None:
+        p, cfg = self.parts, self.cfg
+        if self.eval_result is None:
+            self.eval_result = _evaluate(p.workload, p.model, p.optimizer)
+        self.state.wall_s = time.perf_counter() - self.wall0
+        s = self.state
+        record = {
+            "rank": self.rank, "steps": cfg.steps, "final_loss": finite_or_none(self.last_loss),
+            "eval": {k: finite_or_none(v) for k, v in self.eval_result.items()}, "train_time_s": s.train_time_s,
+            "wall_s": s.wall_s, "time_to_target_s": s.time_to_target_s, "nonfinite_steps": s.nonfinite_steps,
+            "initial_eval": finite_or_none(s.initial_eval), "resumed_from": self.start,
+            "skipped_steps": getattr(p.algorithm, "skipped_steps", 0), "peak_mem_bytes": peak_mem_bytes(),
+            "comm": self.comm_now().as_dict(), "algorithm": getattr(p.algorithm, "report", dict)(),
+            "lisa": p.lisa.report() if p.lisa is not None else None, "warnings": self.notes.items,
+        }
+        if self.log is not None:
+            self.log.close()
+        records = _gather_records(self.comm, record)
+        if self.rank != 0:
+            return None
+        summary = _summary(cfg, p.workload, self.world, records)
+        write_json(self.out / "summary.json", summary)
+        if cfg.plot:
+            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+        return summary
 
 
 def _train_step(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, attached: Attached, workload: Any, batch: Any) -> float:
     """One step; a non-finite loss or gradient never reaches the weights (grads dropped, step skipped)."""
-    if attached.forward_only:
-        value = float(attached.algorithm.step(lambda: workload.loss(model, batch)))
-        # No grads exist, so this is a no-op on the weights; it fires the optimizer's step hooks
-        # (LISA counts steps there) and keeps torch's optimizer-before-scheduler order.
-        optimizer.step()
-        return value
+    if attached.forward_only:  # the algorithm is the optimizer (SPSA): its step runs the forwards and fires its hooks
+        return float(optimizer.step(lambda: workload.loss(model, batch)))
     loss = workload.loss(model, batch)
     value = float(loss.detach())
     ok = math.isfinite(value)
     if ok:
         loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if cfg.optim.grad_clip > 0:
-            params = [p for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
-            ok = bool(torch.isfinite(norm))
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                                  cfg.optim.grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+        ok = bool(torch.isfinite(norm))  # a finite loss can still have Inf/NaN gradients
     if not ok:
         # Grads set to None make optimizer.step() a no-op on the weights while the algorithm's
         # step counter still advances, so this worker stays in lock-step with the others.
@@ -274,7 +360,8 @@ def _summary(cfg: DictConfig, workload: Any, world: int, records: list[dict[str,
     values = [r["eval"].get(workload.metric) for r in records if r["eval"].get(workload.metric) is not None]
     final = me["eval"].get(workload.metric)
     return {
-        "algorithm": cfg.algo.name, "workload": workload.name, "optimizer": cfg.optim.name, "world_size": world,
+        "algorithm": cfg.algo.name, "algorithms": (["lisa"] if cfg.lisa is not None else []) + [cfg.algo.name],
+        "workload": workload.name, "optimizer": cfg.optim.name, "world_size": world,
         "workers_reporting": len(records), "steps": cfg.steps, "resumed_from": me.get("resumed_from"), "wall_s": me["wall_s"], "train_time_s": me["train_time_s"],
         "final_loss": me["final_loss"],
         "eval": {"metric": workload.metric, "value": final, "initial": me.get("initial_eval"),
@@ -283,5 +370,6 @@ def _summary(cfg: DictConfig, workload: Any, world: int, records: list[dict[str,
         "reached_target": me["time_to_target_s"] is not None, "time_to_target_s": me["time_to_target_s"],
         "peak_mem_bytes": max(r["peak_mem_bytes"] for r in records),
         "nonfinite_steps": sum(r["nonfinite_steps"] for r in records), "skipped_steps": max(r["skipped_steps"] for r in records),
-        "comm": aggregate_comm(records), "workers": records,
+        "comm": aggregate_comm(records),
+        "warnings": list(dict.fromkeys(w for r in records for w in r.get("warnings", []))), "workers": records,
     }

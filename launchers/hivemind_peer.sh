@@ -8,7 +8,9 @@
 #   launchers/hivemind_peer.sh join MULTIADDR CONFIG.yaml [key=value ...]
 #       joins: before training starts it is one of the initial peers (set comm.min_peers=N on all
 #       of them so they start together); once the run is under way it fetches a live peer's
-#       newest checkpoint and continues from there.
+#       current state (at that peer's next step boundary) and is in step from there.
+#   Give every peer the same run key: comm.run_key_file=PATH (or comm.run_key_env=VARNAME);
+#       without one, anyone who knows an address and the run id can join and send data.
 #
 # Every peer runs with resume=true, so that peers started together, peers restarted after a
 # crash and peers that join mid-run all go through the same setup (a fresh out_dir simply starts
@@ -22,7 +24,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 

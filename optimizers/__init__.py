@@ -85,9 +85,6 @@ def create(name: str, params: Any, *, preset: str = "", **hyper: Any) -> torch.o
         settings.pop(key, None)
     cls = _CLASSES[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
-    if "lr" in settings and "lr" not in accepted and "base_kwargs" in accepted:
-        # A wrapper (Mechanic) has no lr of its own: the caller's lr is the base optimizer's.
-        settings["base_kwargs"] = {**(settings.get("base_kwargs") or {}), "lr": settings.pop("lr")}
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown hyperparameter {unknown[0]!r}; choose from: {', '.join(accepted)}")

@@ -35,7 +35,7 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
     m and s with torch's fused SGD kernel; ``fused=False`` uses neither.
     """
 
-    def __init__(self, params: ParamsT, *, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
                  use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = math.inf,
                  layer_scale: float = 1.0, foreach: bool = True, fused: Optional[bool] = None,

@@ -29,7 +29,7 @@ class DAdaptSGD(KeepsExtras, torch.optim.Optimizer):
     (x <- momentum * x + (1 - momentum) * z); ``weight_decay`` is an L2 penalty.
     """
 
-    def __init__(self, params: ParamsT, *, lr: float = 1.0, momentum: float = 0.0,
+    def __init__(self, params: ParamsT, lr: float = 1.0, *, momentum: float = 0.0,
                  weight_decay: float = 0.0, d0: float = 1e-6, growth_rate: float = math.inf,
                  foreach: bool = True, process_group: Any = None, comm: Any = None) -> None:
         name = type(self).__name__

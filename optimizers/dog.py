@@ -6,10 +6,16 @@ group, LDoG one per tensor. Pair either with
 has no decay schedule and relies on iterate averaging for its final point.
 
 Differences from the reference that are not numerical: p.grad is never
-modified (weight decay is added on the fly); parameters without a gradient are
-skipped; the partial sums are pulled to the host once per step; with
+modified (weight decay is added on the fly); a parameter without a gradient on
+a step is not updated but, as in the paper, still counts in the distance
+||x_t - x_0|| and in the first r-bar (the whole vector; the reference crashes
+on it); the partial sums are pulled to the host once per step; with
 ``process_group`` or ``comm`` they are summed over workers that hold different
 shards of the parameters (every worker enters every reduction).
+
+bfloat16/float16 parameters: DoG's first steps are ~reps_rel times the weights,
+far below their rounding step, so the update is computed on a float32 master
+copy (state "master", with x0 in float32) and rounded into the parameter.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _common, _native
+from . import _common, _lowp, _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, buckets, by_device_dtype, check_fused, check_range,
                       dense, dot, fresh, pull_scattered, sumsq, use_fused)
 
@@ -37,7 +43,7 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
 
     layer_wise = False
 
-    def __init__(self, params: ParamsT, *, lr: float = 1.0, reps_rel: float = 1e-6,
+    def __init__(self, params: ParamsT, lr: float = 1.0, *, reps_rel: float = 1e-6,
                  weight_decay: float = 0.0, eps: float = 1e-8, init_eta: Optional[float] = None,
                  foreach: bool = True, fused: Optional[bool] = None, process_group: Any = None,
                  comm: Any = None) -> None:
@@ -72,17 +78,24 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
         device = None
         for group in self.param_groups:
             params = group["params"]
+            states = [self.state[p] for p in params]
             active = [i for i, p in enumerate(params) if p.grad is not None]
             first = group["rbar"] is None
-            for i in active:
-                if "x0" not in self.state[params[i]]:
-                    self.state[params[i]]["x0"] = params[i].detach().clone(memory_format=torch.preserve_format)
+            # What the update is computed on (fp32 masters of low-precision params) and with.
+            ws = [_lowp.master(st, p) if p.grad is not None or "master" in st else p for p, st in zip(params, states)]
+            gs = {i: _lowp.grad(params[i]) for i in active}
+            for w, p, st in zip(ws, params, states):
+                if "x0" not in st:  # every parameter of the group: the distance is over the whole vector
+                    st["x0"] = _lowp.float_state(w, p)
             n_units = len(params) if self.layer_wise else 1
-            for (dev, _), sub in by_device_dtype(len(active), lambda j: params[active[j]]).items():
+            for i in (i for i, p in enumerate(params) if p.grad is None):  # not updated, still part of x
+                diff = ws[i] if first else ws[i] - states[i]["x0"]
+                parts.append(dot(diff, diff))
+                slots.append(size + (i if self.layer_wise else 0))
+            for (dev, _), sub in by_device_dtype(len(active), lambda j: ws[active[j]]).items():
                 device = dev
                 ids = [active[j] for j in sub]
-                ps = [params[i] for i in ids]
-                lists = [ps, [p.grad for p in ps], [self.state[p]["x0"] for p in ps]]
+                lists = [[ws[i] for i in ids], [gs[i] for i in ids], [states[i]["x0"] for i in ids]]
                 if group["foreach"] and _native.usable(group.get("fused"), *lists):  # one pass, no temporaries
                     sums = _native.run(_native.DOG_STATS, lists, [group["weight_decay"], float(first)], nred=2)
                     if self.layer_wise:
@@ -106,7 +119,7 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
                         slots.extend([size + 1] * len(gsqs))
                     parts.extend(dists)
                     parts.extend(gsqs)
-            plan.append((group, active, first))
+            plan.append((group, active, first, ws, gs))
             size += 2 * n_units
         if device is None:
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
@@ -114,7 +127,7 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
 
         # Host: new distance, gradient sum and step size per unit.
         pos = 0
-        for group, active, first in plan:
+        for group, active, first, ws, gs in plan:
             n = len(group["params"]) if self.layer_wise else 1
             dist2, gsq = vals[pos:pos + n], vals[pos + n:pos + 2 * n]
             pos += 2 * n
@@ -122,22 +135,27 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
             if not active:
                 continue
             params = group["params"]
-            for _, sub in by_device_dtype(len(active), lambda j: params[active[j]]).items():
+            for _, sub in by_device_dtype(len(active), lambda j: ws[active[j]]).items():
                 ids = [active[j] for j in sub]
-                ps = [params[i] for i in ids]
+                ps, grads = [ws[i] for i in ids], [gs[i] for i in ids]
                 fn = _update_loop
                 if group["foreach"]:
-                    fused = use_fused(type(self).__name__, group.get("fused"), ps[0]) and dense(
-                        ps, [p.grad for p in ps])
+                    # decided on the parameter's dtype: fused=True refuses bf16/fp16 as it does elsewhere
+                    fused = use_fused(type(self).__name__, group.get("fused"), params[ids[0]]) and dense(ps, grads)
                     fn = _update_fused if fused else _update_foreach
-                    if fused and _native.usable(group.get("fused"), ps, [p.grad for p in ps]):
-                        _native.run(_native.SGD_UPDATE, [ps, [p.grad for p in ps]], [group["weight_decay"], etas[0]],
+                    if fused and _native.usable(group.get("fused"), ps, grads):
+                        _native.run(_native.SGD_UPDATE, [ps, grads], [group["weight_decay"], etas[0]],
                                     per_tensor=[etas[i] for i in ids] if self.layer_wise else None)
                         continue
-                for owners, (pv, gv) in buckets([ps, [p.grad for p in ps]]):
+                for owners, (pv, gv) in buckets([ps, grads]):
                     fn(pv, gv, [etas[ids[o]] if self.layer_wise else etas[0] for o in owners],
                        wd=group["weight_decay"])
+            _lowp.write_back([params[i] for i in active], [self.state[params[i]] for i in active])
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        _lowp.restore_fp32(self, state_dict, ("x0", "master"))
 
     def _update_unit_scalars(self, group: dict[str, Any], first: bool, dist2: list[float],
                              gsq: list[float]) -> list[float]:

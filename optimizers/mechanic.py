@@ -11,6 +11,11 @@ instead of cloned; the tuner state (a few floats) lives on the host, so the
 step pulls one small vector to the host once; with ``process_group`` or
 ``comm`` the inner products are summed over workers that hold different shards
 of the parameters, on every worker every step.
+
+bfloat16/float16 parameters: x_ref + s * Delta with a small s rounds back to x_ref,
+so Mechanic keeps float32 ref/Delta and a float32 master of x (state "master"); the
+base optimizer steps the parameter itself, its move is added to the master, and the
+Mechanic update is computed in float32 and rounded into the parameter.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _common
+from . import _common, _lowp
 from ._common import (KeepsExtras, ParamsT, Reducer, add_total, bad, buckets, by_device_dtype, check_range,
                       dot, pull, sumsq)
 
@@ -36,7 +41,7 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
     base learning rate as usual.
     """
 
-    def __init__(self, params: Union[ParamsT, torch.optim.Optimizer], *,
+    def __init__(self, params: Union[ParamsT, torch.optim.Optimizer], lr: Optional[float] = None, *,
                  base: Optional[Callable[..., torch.optim.Optimizer]] = None,
                  base_kwargs: Optional[dict[str, Any]] = None, s_decay: float = 0.01,
                  betas: tuple[float, ...] = _DEFAULT_BETAS, s_init: float = 1e-8, eps: float = 1e-8,
@@ -52,6 +57,10 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
             raise bad(name, "betas", betas, "pass a tuple of numbers in [0, 1)") from None
         if not betas or not all(0.0 <= b < 1.0 for b in betas):
             raise bad(name, "betas", betas, "pass a non-empty tuple of numbers in [0, 1)")
+        if lr is not None:  # the base optimizer's lr, positional as in torch.optim
+            if isinstance(params, torch.optim.Optimizer) or "lr" in (base_kwargs or {}):
+                raise bad(name, "lr", lr, "give lr once: positionally, or in base_kwargs, or to the wrapped optimizer")
+            base_kwargs = {**(base_kwargs or {}), "lr": lr}
         if isinstance(params, torch.optim.Optimizer):
             if base is not None or base_kwargs:
                 raise bad(name, "base", base, "leave base and base_kwargs unset when wrapping an existing optimizer")
@@ -85,8 +94,10 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict({"state": state_dict["base_state"], "param_groups": state_dict["param_groups"]})
-        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        mine = {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
+        super().load_state_dict(mine)
         self.param_groups = self.base.param_groups
+        _lowp.restore_fp32(self, mine, ("ref", "master", "delta"))
 
     def _tuner(self) -> dict[str, Any]:
         if "_tuner" not in self.state:
@@ -95,7 +106,7 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
             self.state["_tuner"] = dict(s=[0.0] * n, m=[1e-6] * n, v=[0.0] * n, r=[0.0] * n, iter_count=0)
             for g in self.param_groups:
                 for p in g["params"]:
-                    self.state[p]["ref"] = p.detach().clone(memory_format=torch.preserve_format)
+                    self.state[p]["ref"] = _lowp.float_state(p, p)
         return self.state["_tuner"]
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Any:  # type: ignore[override]
@@ -106,24 +117,25 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
         tuner = self._tuner()
         S = sum(tuner["s"])
         with torch.no_grad():
-            work = []  # per (device, dtype): params, refs, D (x - ref, or the stored Delta)
+            work = []  # per (device, dtype): params, x (params or fp32 masters), refs, D (x - ref, or stored Delta)
             for g in self.param_groups:
                 ps = [p for p in g["params"] if p.grad is not None]
                 for p in ps:
                     if "ref" not in self.state[p]:  # added after the first step
-                        self.state[p]["ref"] = p.detach().clone(memory_format=torch.preserve_format)
+                        self.state[p]["ref"] = _lowp.float_state(p, p)
                 for _, idx in by_device_dtype(len(ps), lambda i: ps[i]).items():
                     sub = [ps[i] for i in idx]
+                    xs = [_lowp.master(self.state[p], p) for p in sub]
                     refs = [self.state[p]["ref"] for p in sub]
                     if self.store_delta:
-                        ds = [self.state[p].setdefault("delta", torch.zeros_like(p)) for p in sub]
-                        prev = [p.detach().clone() for p in sub]
+                        ds = [self.state[p].setdefault("delta", torch.zeros_like(x)) for p, x in zip(sub, xs)]
+                        prev = [x.detach().clone() for x in xs]
                     else:
-                        ds = torch._foreach_sub(sub, refs) if self.foreach else [p - r for p, r in zip(sub, refs)]
+                        ds = torch._foreach_sub(xs, refs) if self.foreach else [x - r for x, r in zip(xs, refs)]
                         prev = None
-                    work.append((sub, refs, ds, prev))
+                    work.append((sub, xs, refs, ds, prev))
             gd, gg = [], []
-            for sub, _, ds, _ in work:  # gradient terms, read before the base step may change p.grad
+            for sub, _, _, ds, _ in work:  # gradient terms, read before the base step may change p.grad
                 for _, (gv, dv) in buckets([[p.grad for p in sub], ds]):
                     gd.extend(dot(a, b) for a, b in zip(gv, dv))
                     gg.extend(sumsq(gv) if self.foreach else [dot(a, a) for a in gv])
@@ -135,8 +147,11 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
 
         with torch.no_grad():
             xx, xd = [], []
-            for sub, _, ds, _ in work:
-                for _, (pv, dv) in buckets([sub, ds]):
+            for sub, xs, _, ds, _ in work:
+                if _lowp.is_low(sub[0]):  # the base's move, measured on the rounded weights it stepped from
+                    for p, x in zip(sub, xs):
+                        x.add_(p.float() - x.to(p.dtype).float())
+                for _, (pv, dv) in buckets([xs, ds]):
                     xd.extend(dot(a, b) for a, b in zip(pv, dv))
                     xx.extend(sumsq(pv) if self.foreach else [dot(a, a) for a in pv])
             device = work[0][0][0].device if work else torch.device("cpu")
@@ -147,11 +162,12 @@ class Mechanic(KeepsExtras, torch.optim.Optimizer):
             if not self.store_delta:
                 h /= S + self.eps
             S_new = max(self._tune(tuner, h), 0.0)
-            for sub, refs, ds, prev in work:
+            for sub, xs, refs, ds, prev in work:
                 if self.store_delta:
-                    _apply_stored(sub, refs, ds, prev, S_new, self.foreach)
+                    _apply_stored(xs, refs, ds, prev, S_new, self.foreach)
                 else:
-                    _apply_recomputed(sub, refs, ds, S_new, S_new / (S + self.eps), self.foreach)
+                    _apply_recomputed(xs, refs, ds, S_new, S_new / (S + self.eps), self.foreach)
+                _lowp.write_back(sub, [self.state[p] for p in sub])
         return base_out if base_out is not None else loss
 
     def _tune(self, t: dict[str, Any], h: float) -> float:

@@ -20,7 +20,7 @@ from ._common import KeepsExtras, ParamsT, Scratch, buckets, by_device_dtype, ch
 class NAdamW(KeepsExtras, torch.optim.Optimizer):
     """NAdamW with AlgoPerf's update. Warm-up and decay come from the caller's LR scheduler."""
 
-    def __init__(self, params: ParamsT, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, foreach: bool = True) -> None:
         name = type(self).__name__
         check_range(name, "lr", lr, 0.0)

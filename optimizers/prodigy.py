@@ -37,7 +37,7 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
     else the update as torch's fused Adam kernel; ``fused=False``: neither.
     """
 
-    def __init__(self, params: ParamsT, *, lr: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float = 1.0, *, betas: tuple[float, float] = (0.9, 0.999),
                  beta3: Optional[float] = None, eps: float = 1e-8, weight_decay: float = 0.0,
                  decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,

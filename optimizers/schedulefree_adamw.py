@@ -27,7 +27,7 @@ class ScheduleFreeAdamW(ScheduleFreeBase):
 
     _beta_key = "betas"
 
-    def __init__(self, params: ParamsT, *, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: ParamsT, lr: float = 0.0025, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
                  weight_lr_power: float = 2.0, foreach: bool = True, fused: Optional[bool] = None) -> None:
         name = type(self).__name__

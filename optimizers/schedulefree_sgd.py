@@ -28,7 +28,7 @@ class ScheduleFreeSGD(ScheduleFreeBase):
 
     _beta_key = "momentum"
 
-    def __init__(self, params: ParamsT, *, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 0.0,
+    def __init__(self, params: ParamsT, lr: float = 1.0, *, momentum: float = 0.9, weight_decay: float = 0.0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
                  foreach: bool = True, fused: Optional[bool] = None) -> None:
         name = type(self).__name__

@@ -58,7 +58,7 @@ def _compare_with_torch(kind: str, groups: int, kwargs: dict, **hdet_kwargs) -> 
 
 @pytest.mark.parametrize("kind,groups,kwargs", ONECYCLE_GRID)
 def test_one_replica_equals_onecycle_exactly(kind, groups, kwargs):
-    _compare_with_torch(kind, groups, kwargs, converge_every=7)  # defaults: spread 1/9, auto-LR on
+    _compare_with_torch(kind, groups, kwargs, converge_every=7)  # HDET's other defaults: spread 0.5, auto-LR on
     _compare_with_torch(kind, groups, kwargs, converge_every=7, auto_lr_mode="scale", spacing="log", spread=3.0)
 
 
@@ -201,7 +201,8 @@ def _controller_run(loss_of_multiplier, *, total=100, every=5, warmup=50, n=4):
     def worker(comm):
         opt = _opt("sgd")
         sched = HDET(opt, max_lr=0.1, total_steps=total, spread=0.5, converge_every=every, auto_lr_warmup=warmup,
-                     auto_lr_beta=0.5, auto_lr_sigma=0.05, auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1)
+                     auto_lr_mode="additive", auto_lr_alpha=None, auto_lr_beta=0.5, auto_lr_sigma=0.05,
+                     auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1)
         bases = []
         for step in range(total):
             opt.step()
@@ -264,8 +265,8 @@ def test_constructor_and_converges_leave_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("mode", ["additive", "scale"])
-def test_state_dict_resume_is_exact(mode):
+@pytest.mark.parametrize("mode,alpha", [("additive", None), ("scale", None), ("scale", 0.05)])
+def test_state_dict_resume_is_exact(mode, alpha):
     total, cut = 30, 17
 
     def build(comm):
@@ -273,7 +274,7 @@ def test_state_dict_resume_is_exact(mode):
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
         sched = HDET(opt, max_lr=0.05, total_steps=total, spread=0.5, converge_every=5, auto_lr_warmup=5,
                      auto_lr_sigma=0.5, auto_lr_mode=mode, spacing="log" if mode == "scale" else "linear",
-                     auto_lr_window=3, comm=comm, seed=7)
+                     auto_lr_window=3, auto_lr_alpha=alpha, comm=comm, seed=7)
         return model, opt, sched
 
     def straight(comm):
@@ -321,7 +322,8 @@ def test_explores_other_hyperparameters():
     def worker(comm):
         opt = _opt("adamw")
         sched = HDET(opt, max_lr=0.01, total_steps=20, spread=0.5, converge_every=5, explore=["lr", "weight_decay", "betas[1]"],
-                     auto_lr_warmup=5, comm=comm, seed=2)
+                     auto_lr_warmup=5, auto_lr_mode="additive", auto_lr_alpha=None, auto_lr_sigma=0.1, per_group=True,
+                     comm=comm, seed=2)
         g = opt.param_groups[0]
         assert math.isclose(g["weight_decay"], 0.01 * sched.multiplier("weight_decay"))
         assert math.isclose(1 - g["betas"][1], 0.01 * sched.multiplier("betas[1]"))
@@ -432,7 +434,8 @@ def _scale_run(loss_of_multiplier, *, total=60, every=5, warmup=10, stop=None, w
         ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.1, total_steps=total, cycle_momentum=False)
         sched = HDET(opt, max_lr=0.1, total_steps=total, spread=1.0, spacing="log", converge_every=every,
                      auto_lr_warmup=warmup, auto_lr_mode="scale", auto_lr_stop=stop, auto_lr_window=window,
-                     auto_lr_beta=0.5, auto_lr_sigma=0.05, auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1)
+                     auto_lr_beta=0.5, auto_lr_sigma=0.05, auto_lr_gain=1.0, auto_lr_alpha=None, cycle_momentum=False,
+                     comm=comm, seed=1)
         scales = []
         for step in range(total):
             c = opt.param_groups[0]["lr"] / (ref_opt.param_groups[0]["lr"] * sched.multiplier("lr"))
@@ -506,7 +509,7 @@ def _probe_run(*, with_probe: bool, total=30, every=5, warmup=10, stop=20):
 
         sched = HDET(opt, max_lr=0.1, total_steps=total, spread=1.0, spacing="log", converge_every=every,
                      auto_lr_warmup=warmup, auto_lr_mode="scale", auto_lr_stop=stop, auto_lr_beta=0.5,
-                     auto_lr_sigma=0.05, auto_lr_gain=1.0, cycle_momentum=False, comm=comm, seed=1,
+                     auto_lr_sigma=0.05, auto_lr_gain=1.0, auto_lr_alpha=None, cycle_momentum=False, comm=comm, seed=1,
                      probe=probe if with_probe else None)
         for step in range(total):
             with torch.no_grad():
@@ -697,9 +700,9 @@ def test_selection_start_arguments_are_checked():
         HDET(_opt("sgd"), max_lr=0.1, total_steps=10, auto_lr_mode="scale", select_steps=10)
     with pytest.raises(ValueError, match="select_range"):
         HDET(_opt("sgd"), max_lr=0.1, total_steps=10, auto_lr_mode="scale", select_steps=5, select_range=1.0)
-    with pytest.raises(ValueError, match="auto_lr_mode='scale'"):
-        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, select_steps=5)
+    with pytest.raises(ValueError, match="auto_lr_mode='select'"):
+        HDET(_opt("sgd"), max_lr=0.1, total_steps=10, auto_lr_mode="additive", select_steps=5)
     with pytest.raises(ConfigError, match="algo.select_steps"):
-        load(REPO / "configs/hdet.yaml", ["algo.select_steps=5"])  # the config's mode is additive
+        load(REPO / "configs/hdet.yaml", ["algo.auto_lr_mode=additive", "algo.select_steps=5"])
     with pytest.raises(ConfigError, match="algo.select_range"):
         load(REPO / "configs/hdet.yaml", ["algo.auto_lr_mode=scale", "algo.select_steps=5", "algo.select_range=0.5"])

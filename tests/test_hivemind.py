@@ -17,8 +17,9 @@ pytest.importorskip("hivemind")
 
 from dtrain.comm.base import BadPeerData, PeerTimeout  # noqa: E402
 from dtrain.comm.hivemind import Config, HivemindComm, validate  # noqa: E402
-from dtrain.comm.hivemind_join import decode_state, encode_state  # noqa: E402
-from dtrain.comm.hivemind_wire import WireError, decode_tensor, pack, tensor_bytes, tensor_header, unpack  # noqa: E402
+from dtrain.comm.hivemind.join import decode_state, encode_state  # noqa: E402
+from dtrain.comm.hivemind.membership import Membership  # noqa: E402
+from dtrain.comm.hivemind.wire import WireError, decode_tensor, pack, tensor_bytes, tensor_header, unpack  # noqa: E402
 from dtrain.testing.faults import FaultyComm  # noqa: E402
 
 
@@ -117,15 +118,16 @@ class ScriptedDHT:
 
 
 def test_a_short_dht_read_does_not_drop_a_member_whose_record_is_still_valid(monkeypatch):
-    from dtrain.comm import hivemind_node
+    from dtrain.comm.hivemind import node as hivemind_node
 
     dht = ScriptedDHT([])
     node = hivemind_node.Node.__new__(hivemind_node.Node)  # membership reads only: no daemon
     node.run_id, node.dht, node._closed, node._dht_lock, node._seen = "short", dht, False, threading.Lock(), {}
+    node.auth, node.peer_id = None, "a"
     monkeypatch.setattr(hivemind_node, "get_dht_time", lambda: dht.clock)
-    comm = HivemindComm.__new__(HivemindComm)
-    comm.node, comm.peer_id, comm.rank, comm.active = node, "a", 0, True
-    comm.dead, comm.bad, comm.members = set(), set(), {}
+    comm = Membership(node, heartbeat=1.0, patience=1.0, collective_round=lambda: 0)
+    comm.rank = 0
+    comm.peers = lambda: sorted(comm.members)  # type: ignore[method-assign]
     live = lambda rank: {"rank": rank, "active": True, "round": 3}  # noqa: E731
     dht.reads = [
         (1.0, {"a": (live(0), 5.0), "b": (live(1), 5.0), "c": (live(2), 5.0)}),
@@ -234,7 +236,7 @@ def test_a_peer_that_closes_leaves_the_membership_at_once(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_exchange_is_sent_again_after_a_transport_error_but_not_after_a_timeout(tmp_path):
-    from dtrain.comm.hivemind_node import NodeError
+    from dtrain.comm.hivemind.wire import NodeError
 
     comms = start_group(2, tmp_path, "resend")
     real_call, calls = comms[0].node.call, []

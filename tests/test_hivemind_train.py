@@ -110,7 +110,7 @@ def test_bad_peer_is_dropped_and_a_late_peer_joins(tmp_path):
     procs, addr = peers.start_run(3, args, tmp_path, faults={0: slow, 1: slow, 2: ["--corrupt", "nan", "--corrupt-from", "3"]})
     joiner = None
     try:
-        first_ckpt = tmp_path / "out" / "checkpoints" / "rank0" / "step_00000010.pt"
+        first_ckpt = tmp_path / "out" / "checkpoints" / "rank0" / "step_00000010.pt"  # the run is under way
         while not first_ckpt.exists() and procs[0].poll() is None:
             peers.time.sleep(0.2)
         join_out = tmp_path / "joiner_out"
@@ -125,13 +125,14 @@ def test_bad_peer_is_dropped_and_a_late_peer_joins(tmp_path):
     finally:
         peers.stop([*procs, *([joiner] if joiner else [])])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert 2 not in [w["rank"] for w in summary["workers"]]
-    value = summary["eval"]["value"]
-    assert value == value and value < summary["eval"]["initial"] - 1.0  # finite: no NaN reached the weights
     log3 = (tmp_path / "peer3.log").read_text()
     assert "joins run 'join' at step" in log3, log3
     joined_at = int(log3.split("joins run 'join' at step ")[1].split()[0])
     joiner_rank = int(log3.split("hivemind: rank ")[1].split()[0])
+    # The NaN sender is not among the reporters (the joiner may reuse its rank once it has left).
+    assert sorted(w["rank"] for w in summary["workers"]) == sorted({0, 1, joiner_rank})
+    value = summary["eval"]["value"]
+    assert value == value and value < summary["eval"]["initial"] - 1.0  # finite: no NaN reached the weights
     assert 10 <= joined_at < steps
     at_end = final_eval_of(join_out, joiner_rank, steps, args)
     # It ends near the others (it lags them by its start-up, so it is not identical).

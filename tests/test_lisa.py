@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from dist_utils import train
 
 from dtrain import checkpoint, config
 from dtrain.algorithms.base import AttachContext
-from dtrain.algorithms.lisa import LISA, attach_lisa, sample_blocks
+from dtrain.algorithms.lisa import LISA, sample_blocks
 from dtrain.optim import param_groups
 from dtrain.train import run
 from dtrain.workloads.char_lm import GPT
@@ -52,7 +51,7 @@ def outside_params(model: GPT) -> list[torch.Tensor]:
 def test_gamma_blocks_train_frozen_blocks_hold_no_grad_or_state() -> None:
     model = tiny_gpt()
     opt = adamw(model)
-    lisa = LISA(model, opt, blocks="blocks", gamma=2, interval=3, seed=7)
+    lisa = LISA(opt, None, model=model, blocks="blocks", gamma=2, interval=3, seed=7)
     before = {id(p): p.detach().clone() for p in model.parameters()}
     for step in range(12):
         x, y = batch(step)
@@ -86,7 +85,7 @@ def test_gamma_blocks_train_frozen_blocks_hold_no_grad_or_state() -> None:
 def test_optimizer_state_bytes_fall_to_gamma_blocks() -> None:
     model, full = tiny_gpt(n_layer=8), tiny_gpt(n_layer=8)
     opt, opt_full = adamw(model), adamw(full)
-    LISA(model, opt, blocks="blocks", gamma=2, interval=100, seed=0)
+    LISA(opt, None, model=model, blocks="blocks", gamma=2, interval=100, seed=0)
     for step in range(2):
         train_step(model, opt, step)
         train_step(full, opt_full, step)
@@ -104,7 +103,7 @@ def test_state_dropped_on_freeze_or_offloaded_and_restored() -> None:
     for offload in (False, True):
         model = tiny_gpt(n_layer=4)
         opt = adamw(model)
-        lisa = LISA(model, opt, blocks="blocks", gamma=1, interval=2, seed=3, offload_state=offload)
+        lisa = LISA(opt, None, model=model, blocks="blocks", gamma=1, interval=2, seed=3, offload_state=offload)
         seen: dict[int, torch.Tensor] = {}  # block -> exp_avg of its qkv weight when last frozen
         restored = fresh = 0
         for step in range(40):
@@ -131,7 +130,7 @@ def test_resume_continues_the_sampling_sequence_and_weights() -> None:
     def make() -> tuple[GPT, torch.optim.Optimizer, LISA]:
         model = tiny_gpt(n_layer=5)
         opt = adamw(model)
-        return model, opt, LISA(model, opt, blocks="blocks", gamma=2, interval=4, seed=11, offload_state=True)
+        return model, opt, LISA(opt, None, model=model, blocks="blocks", gamma=2, interval=4, seed=11, offload_state=True)
 
     ref_model, ref_opt, ref = make()
     for step in range(22):
@@ -173,10 +172,9 @@ def test_sampling_uses_its_own_generator_and_probabilities() -> None:
 ])
 def test_bad_settings_name_the_key(override: dict, key: str) -> None:
     model = tiny_gpt()
-    cfg = SimpleNamespace(**{**dict(config.LisaConfig().__dict__), **override})
     ctx = AttachContext(model=model, optimizer=adamw(model), comm=None, seed=0, total_steps=10, lr=1e-3)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as e:
-        attach_lisa(cfg, ctx)
+        LISA.attach(dict(override), ctx)  # what dtrain train calls, with the lisa section
     assert "\n" not in str(e.value)
 
 
@@ -186,13 +184,13 @@ def test_block_missing_from_optimizer_is_refused() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     model.blocks[3].requires_grad_(True)
     with pytest.raises(ValueError, match=r"blocks \[3\] are not in the optimizer"):
-        LISA(model, opt, blocks="blocks")
+        LISA(opt, None, model=model, blocks="blocks")
 
 
 def test_explicit_step_without_hook_and_remove() -> None:
     model = tiny_gpt(n_layer=4)
     opt = adamw(model)
-    lisa = LISA(model, opt, gamma=1, interval=2, hook_optimizer=False)
+    lisa = LISA(opt, None, model=model, gamma=1, interval=2, hook_optimizer=False)
     train_step(model, opt, 0)
     assert lisa.step == 0  # not hooked
     lisa.step_done()
@@ -226,8 +224,9 @@ def test_torchrun_ddp_replicas_draw_the_same_blocks(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_local_diloco_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    common = ["algo.name=diloco", "algo.sync_every=5", "comm.name=local", "comm.workers=2", "workload.n_layer=5",
+@pytest.mark.parametrize("outer", ["diloco", "noloco"])
+def test_local_diloco_resume_matches_uninterrupted(tmp_path: Path, outer: str) -> None:
+    common = [f"algo.name={outer}", "algo.sync_every=5", "comm.name=local", "comm.workers=2", "workload.n_layer=5",
               "lisa.interval=4", "lisa.offload_state=true", "optim.schedule=constant", "optim.warmup_steps=0",
               "eval_every=100", "ckpt_every=10", *TINY]
     whole = tmp_path / "whole"
@@ -252,7 +251,7 @@ def test_hugging_face_gpt2_and_llama_blocks() -> None:
     for model, path, always in ((gpt2, "transformer.h", ("transformer.wte", "transformer.ln_f")),
                                 (llama, "model.layers", ("model.embed_tokens", "model.norm", "lm_head"))):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        lisa = LISA(model, opt, blocks=path, gamma=2, interval=2, seed=1)
+        lisa = LISA(opt, None, model=model, blocks=path, gamma=2, interval=2, seed=1)
         layers = lisa.block_list
         for step in range(5):
             ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
@@ -276,8 +275,42 @@ def test_optimizers_package_composes() -> None:
         opt = optimizers.create(name, param_groups(model, 0.0))  # each optimizer's own defaults
         if hasattr(opt, "train"):
             opt.train()  # schedule-free optimizers
-        lisa = LISA(model, opt, gamma=1, interval=2, seed=0)
+        lisa = LISA(opt, None, model=model, gamma=1, interval=2, seed=0)
         for step in range(5):
             train_step(model, opt, step)
             assert not any(p in opt.state and opt.state[p] for p in lisa.frozen_params()), name
         assert all(torch.isfinite(p).all() for p in model.parameters()), name
+
+
+def test_the_documented_manual_stepping_and_step_count() -> None:
+    model = tiny_gpt(n_layer=4)
+    opt = adamw(model)
+    lisa = LISA(opt, None, model=model, gamma=1, interval=2, hook_optimizer=False)
+    from dtrain.algorithms import lisa as lisa_module
+
+    assert "lisa.step()" not in lisa_module.__doc__ and "lisa.step_done()" in lisa_module.__doc__
+    for step in range(4):
+        train_step(model, opt, step)
+        lisa.step_done()  # what the module docstring tells a user without the hook to call
+    assert isinstance(lisa.step, int) and lisa.step == 4 and [s for s, _ in lisa.history] == [0, 2, 4]
+
+
+def test_lisa_with_spsa_perturbs_only_the_active_blocks() -> None:
+    from dtrain.algorithms.spsa import SPSA
+    from dtrain.comm.local import run_local
+
+    def work(comm):
+        model = tiny_gpt(n_layer=4)
+        opt = SPSA(model.parameters(), comm, lr=1e-3, check_every=0)
+        lisa = LISA(opt, comm, model=model, gamma=1, interval=2, seed=5)  # hooks SPSA's own step
+        moved_frozen = False
+        for step in range(6):
+            frozen = {id(p): p.detach().clone() for p in lisa.frozen_params()}
+            x, y = batch(step + comm.rank)
+            opt.step(lambda: F.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1)))
+            moved_frozen |= any(not torch.equal(p, frozen[id(p)]) for p in model.parameters() if id(p) in frozen)
+        return moved_frozen, lisa.history, opt.params_digest()
+
+    out = run_local(2, work)
+    assert not any(m for m, _, _ in out) and out[0][1] == out[1][1] and len(out[0][1]) == 4
+    assert out[0][2] == out[1][2]  # replicas identical

@@ -137,9 +137,10 @@ def test_bad_hyperparameters_raise_one_line_value_error(cls: type, kw: dict[str,
     assert f"{hyper}=" in msg and cls.__name__ in msg and "\n" not in msg
 
 
-def test_hyperparameters_are_keyword_only() -> None:
+def test_hyperparameters_after_lr_are_keyword_only() -> None:
+    assert optimizers.Prodigy(_model().parameters(), 0.5).param_groups[0]["lr"] == 0.5  # lr positional, as in torch.optim
     with pytest.raises(TypeError):
-        optimizers.Prodigy(_model().parameters(), 1.0)  # type: ignore[misc]
+        optimizers.Prodigy(_model().parameters(), 1.0, (0.9, 0.99))  # type: ignore[misc]
 
 
 def test_shared_settings_must_agree_across_groups() -> None:

@@ -215,14 +215,16 @@ def test_four_torchrun_workers_stay_bit_identical(tmp_path) -> None:
 def test_late_worker_from_state_dict_matches_after_its_first_step() -> None:
     def phase1(comm):
         model, opt = train_tiny(comm, steps=5)
-        return opt.state_dict(include_params=True)
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}  # what the comm's join path hands over
 
     states = run_local(3, phase1)
 
     def phase2(comm):
         model = tiny_model(seed=99 if comm.rank == 3 else 0)  # the newcomer starts elsewhere
         opt = SPSA(model.parameters(), comm, lr=1e-2, eps=1e-3, check_every=0, broadcast_init=False)
-        opt.load_state_dict(states[comm.rank] if comm.rank < 3 else states[0])
+        saved = states[comm.rank] if comm.rank < 3 else states[0]
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
         batch = tiny_batch(opt.steps_done, comm.rank)
         opt.step(lambda: mse(model, batch))
         return opt.steps_done, opt.params_digest()
@@ -234,7 +236,8 @@ def test_late_worker_from_state_dict_matches_after_its_first_step() -> None:
 
 def test_join_collective_fetches_weights_and_step_from_the_majority() -> None:
     def phase1(comm):
-        return train_tiny(comm, steps=4)[1].state_dict(include_params=True)
+        model, opt = train_tiny(comm, steps=4)
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
 
     states = run_local(2, phase1)
 
@@ -245,7 +248,8 @@ def test_join_collective_fetches_weights_and_step_from_the_majority() -> None:
         else:
             model = tiny_model()
             opt = SPSA(model.parameters(), comm, lr=1e-2, eps=1e-3, check_every=0, broadcast_init=False)
-            opt.load_state_dict(states[comm.rank])
+            model.load_state_dict(states[comm.rank]["model"])
+            opt.load_state_dict(states[comm.rank]["optimizer"])
             opt.check_replicas()  # what an elastic backend triggers when peers() changes
         for _ in range(2):
             batch = tiny_batch(opt.steps_done, comm.rank)

@@ -15,8 +15,8 @@ from dtrain.train import TrainingError, run
 
 
 @pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setitem(config.WORKLOADS, "toy", "toy_workload")
+def toy():
+    config.register_workload("toy", "toy_workload")
 
 
 def _cfg(tmp_path, *overrides):

@@ -1,9 +1,25 @@
-"""What every algorithm shares: hooks on the user's optimizer, and what `attach` returns."""
+"""What every algorithm shares: the contract, hooks on the user's optimizer, and `attach`.
+
+The contract (see README "Adding an algorithm"):
+
+- an algorithm is a hook on the user's optimizer, built ``Algo(optimizer, comm, cfg=None,
+  **overrides)``; SPSA may be the optimizer itself and then honours the Optimizer contract;
+- its dataclass ``Config`` (``name`` first) is the only place its defaults live, and
+  ``Config.validate()`` the only place they are checked (one-line ValueError naming the key);
+  `make_config` merges ``cfg`` and ``overrides`` and validates once, for the library and for
+  ``dtrain train`` alike;
+- ``state_dict``/``load_state_dict`` (exact resume), ``report()`` (into summary.json),
+  ``remove()`` and ``skipped_steps`` (updates skipped on every worker together);
+- its module defines ``Config`` and, if the default is not enough, ``attach(cfg, ctx)``; a module
+  may declare ``REPLACES = {"optim": ("schedule", ...)}``: keys of other sections it makes
+  meaningless, which `dtrain.config` refuses when a user sets them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -20,6 +36,41 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+C = TypeVar("C")
+
+
+def make_config(config_cls: type[C], cfg: Any = None, overrides: dict[str, Any] | None = None, *, owner: str = "") -> C:
+    """``cfg`` (a ``config_cls``, a mapping such as dtrain's section config, or None for the
+    defaults) with ``overrides`` applied, validated once. An unknown override is a TypeError."""
+    names = [f.name for f in dataclasses.fields(config_cls) if f.name != "name"]
+    owner = owner or config_cls.__module__.rsplit(".", 1)[-1]
+    unknown = sorted(set(overrides or {}) - set(names))
+    if unknown:
+        raise TypeError(f"{owner}: unknown option {unknown[0]!r}; choose from {', '.join(names)}")
+    if cfg is None:
+        made = config_cls()
+    elif isinstance(cfg, config_cls):
+        made = cfg
+    else:  # a mapping with the same keys (dtrain.config's validated section)
+        made = config_cls(**{n: _plain(cfg[n]) for n in names if n in cfg})
+    made = dataclasses.replace(made, **(overrides or {}))
+    check = getattr(made, "validate", None)
+    if check is not None:
+        check()
+    return made
+
+
+def _plain(value: Any) -> Any:
+    """A config container as the plain list/dict a dataclass field holds."""
+    if isinstance(value, (str, bytes, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    return value
 
 
 class OptimizerHook:
@@ -61,6 +112,15 @@ class OptimizerHook:
             p.grad = None
         self.skipped_steps += 1
 
+    def release(self, params: list[torch.Tensor]) -> None:
+        """``params`` are frozen from now on (LISA): drop any per-parameter state kept for them.
+
+        A no-op here; algorithms with outer state (DiLoCo, NoLoCo) free it, at the latest after their
+        next outer step. ``params`` do not change until `restore` is called with them."""
+
+    def restore(self, params: list[torch.Tensor]) -> None:
+        """``params`` train again (LISA): rebuild the state `release` dropped from their current values."""
+
     def remove(self) -> None:
         """Detach from the optimizer; the optimizer behaves as if never hooked."""
         for h in self._hooks:
@@ -73,6 +133,27 @@ class OptimizerHook:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+
+    def report(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+
+class Algorithm(OptimizerHook):
+    """Base of the algorithms that hook a user's optimizer: ``Algo(optimizer, comm, cfg=None, **overrides)``.
+
+    ``Config`` is the subclass's dataclass; ``self.cfg`` is the merged, validated instance.
+    """
+
+    Config: ClassVar[type]
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Comm, cfg: Any = None, **overrides: Any) -> None:
+        self.cfg = make_config(type(self).Config, cfg, overrides, owner=type(self).__name__)
+        super().__init__(optimizer, comm)
+
+    @classmethod
+    def attach(cls, cfg: Any, ctx: AttachContext) -> Attached:
+        """What `dtrain train` hooks: the default builds ``cls(ctx.optimizer, ctx.comm, cfg)``."""
+        return Attached(algorithm=cls(ctx.optimizer, ctx.comm, cfg))
 
 
 @dataclass
@@ -90,7 +171,6 @@ class Attached:
     scheduler: Any = None
     scheduler_takes_loss: bool = False
     forward_only: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,4 +187,3 @@ class AttachContext:
     total_steps: int
     lr: float
     workload: Any = None
-    loss_fn: Any = None  # loss_fn(model, batch) -> scalar tensor, for forward-only algorithms

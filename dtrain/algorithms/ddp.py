@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
+from dtrain.algorithms.base import Algorithm
+from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
 
@@ -14,20 +16,47 @@ from dtrain.comm.base import Comm
 class Config:
     name: str = "ddp"
     broadcast_init: bool = True  # start every worker from rank 0's weights
+    robust: str = "none"  # none | trimmed_mean | median (coordinate-wise, over every worker's gradient)
+    robust_trim: float = DEFAULT_TRIM  # trimmed_mean: fraction dropped at each end
+    robust_norm_bound: float = 0.0  # 0 = off; else clip a gradient to this multiple of the median gradient norm
+
+    def validate(self) -> None:
+        check_options(self.robust, self.robust_trim, self.robust_norm_bound)
 
 
-class DDP(OptimizerHook):
-    """All-reduce (mean) of the gradients in one fused buffer inside ``optimizer.step()``.
+validate = Config.validate  # dtrain.config calls it on the algo section
+
+
+class DDP(Algorithm):
+    """All-reduce (mean) of the gradients inside ``optimizer.step()``: ``DDP(optimizer, comm, cfg=None,
+    **overrides)`` with the options of `Config`. One fused buffer per dtype (the comm groups them).
 
     A worker whose gradients are all missing (it skipped backward on a NaN loss) or non-finite
     contributes zeros and raises a flag carried in the same buffer, so every worker learns of it
     from the one all-reduce and all of them skip the update together: no extra collective and
-    no worker left waiting.
+    no worker left waiting. The *reduced* buffer is checked too (a peer may send NaN or values
+    that overflow the sum): every worker holds the same reduced buffer, so all skip together.
+
+    Skips are counted by reason: ``flagged_steps`` (a worker raised the flag) and
+    ``peer_nonfinite_steps`` (the reduced gradient was not finite); ``skipped_steps`` is their sum.
+
+    With ``robust`` or ``robust_norm_bound`` set, every worker's gradient is all-gathered instead
+    (N-1 model-sized messages out per worker, against a ring all-reduce's ~2) and aggregated by
+    `dtrain.algorithms.robust` from the same rows on every worker, so replicas stay identical
+    (the norm bound's reference is the median gradient norm, which they share).
+    A worker that raised its flag is left out of that step's aggregate; a peer whose data is
+    malformed or non-finite is dropped and named in ``report()["robust"]``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, comm: Comm, *, broadcast_init: bool = True) -> None:
-        super().__init__(optimizer, comm)
-        if broadcast_init:
+    Config = Config
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Comm, cfg: Config | None = None, **overrides: Any) -> None:
+        super().__init__(optimizer, comm, cfg, **overrides)
+        self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
+        self.flagged_steps = 0
+        self.peer_nonfinite_steps = 0
+        self.tracker = Tracker("ddp", self.robust)
+        if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(self.params, src=0)
 
@@ -35,27 +64,93 @@ class DDP(OptimizerHook):
         params = [p for p in self.params if p.requires_grad]
         if not params:
             return
-        dtype, device = params[0].dtype, params[0].device
         grads = [p.grad for p in params]
         # All grads None: this worker skipped its backward (NaN loss). Some None: unused params.
         bad = all(g is None for g in grads)
-        flag = torch.zeros(1, dtype=dtype, device=device)
-        parts = [torch.zeros_like(p) if g is None else g.to(dtype) for p, g in zip(params, grads)]
-        flat = torch.cat([t.reshape(-1) for t in parts] + [flag])
-        if bad or not bool(torch.isfinite(flat).all()):
-            flat.zero_()
-            flat[-1] = 1.0
-        self.comm.all_reduce([flat], op="sum")
-        if flat[-1].item() > 0:
-            self.skip_update()
-            return
-        flat.div_(self.comm.world_size)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
-            offset += n
+        # The flag rides in the first parameter's dtype, so a one-dtype model stays one buffer.
+        flag = torch.zeros(1, dtype=params[0].dtype, device=params[0].device)
+        # Each grad is reduced in place in its own dtype (the comm fuses one buffer per dtype).
+        parts = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)] + [flag]
+        if bad or not _finite(parts):
+            torch._foreach_zero_(parts)
+            flag.fill_(1.0)
+        if self.robust.active:
+            mean = self._robust_mean(parts)
+            if mean is None:
+                return
+        else:
+            self.comm.all_reduce(parts, op="sum")
+            # Check what came back, not only what we sent: a peer's NaN arrives with a clean flag.
+            if not _finite(parts):
+                self._skip("peer_nonfinite")
+                return
+            if flag.item() > 0:
+                self._skip("flagged")
+                return
+            mean = parts[:-1]
+            torch._foreach_div_(mean, self.comm.world_size)
+        for p, g in zip(params, mean):
+            p.grad = g.view_as(p)
+
+    def _skip(self, reason: str) -> None:
+        if reason == "flagged":
+            self.flagged_steps += 1
+        else:
+            self.peer_nonfinite_steps += 1
+        self.skip_update()
+
+    def _robust_mean(self, parts: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The robust aggregate of the gradients (``parts`` without the trailing flag) of the
+        workers that did not flag, one tensor per gradient (None: skip)."""
+        gathered = self.comm.all_gather(parts, skip_bad=True)
+        grads = parts[:-1]
+        dtype = common_dtype(grads)  # the estimators work on one row per worker: one dtype
+        rows, ranks, dropped = [], [], []
+        for rank, got in enumerate(gathered):
+            if not got:
+                if rank in self.comm.peers():
+                    dropped.append(rank)
+                continue
+            if got[-1].item() == 0:  # a flagged worker skipped this step: not a bad peer
+                rows.append(torch.cat([g.reshape(-1).to(dtype) for g in got[:-1]]))
+                ranks.append(rank)
+        where = f"step {self.step}"
+        self.tracker.note("dropped", dropped, rank=self.comm.rank, where=where)
+        if not rows:
+            self._skip("flagged")
+            return None
+        result = aggregate(torch.stack(rows), self.robust)
+        self.tracker.round(result, ranks, rank=self.comm.rank, where=where)
+        if not bool(torch.isfinite(result.value).all()):  # finite rows can still overflow
+            self._skip("peer_nonfinite")
+            return None
+        out, offset = [], 0
+        for g in grads:
+            out.append(result.value[offset : offset + g.numel()].view_as(g).to(g.dtype))
+            offset += g.numel()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "flagged_steps": self.flagged_steps,
+                "peer_nonfinite_steps": self.peer_nonfinite_steps, "robust": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.flagged_steps = int(state.get("flagged_steps", 0))
+        self.peer_nonfinite_steps = int(state.get("peer_nonfinite_steps", 0))
+        self.tracker.load_state_dict(state.get("robust"))
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**super().report(), "flagged_steps": self.flagged_steps,
+                               "peer_nonfinite_steps": self.peer_nonfinite_steps}
+        if self.robust.active:
+            out["robust"] = self.tracker.report()
+        return out
 
 
-def attach(cfg: Config, ctx: AttachContext) -> Attached:
-    return Attached(algorithm=DDP(ctx.optimizer, ctx.comm, broadcast_init=cfg.broadcast_init))
+def _finite(tensors: list[torch.Tensor]) -> bool:
+    # one host sync for the whole list, not one per tensor
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+attach = DDP.attach  # what `dtrain train` calls: DDP(ctx.optimizer, ctx.comm, cfg.algo)

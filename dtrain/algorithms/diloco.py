@@ -3,6 +3,16 @@
 Every ``sync_every`` inner steps: Δ = mean_i(φ − θ_i) by one all-reduce, φ ← OuterSGD(φ, Δ),
 θ_i ← φ. The outer optimizer is torch's SGD over a copy φ of the parameters, so with
 ``outer_lr=1, outer_momentum=0`` DiLoCo is plain parameter averaging every H steps.
+
+A mean Δ that is not finite (a peer sent NaN/Inf, or finite values overflowed) never reaches φ
+or θ: every worker holds the same reduced Δ, so all of them skip that outer step together
+(``skipped_syncs``) and reset θ to the unchanged φ. With ``robust`` or ``robust_norm_bound`` set,
+Δ is all-gathered and aggregated by `dtrain.algorithms.robust` (same rows, same result on every
+worker; the norm bound's reference is the median norm of the Δs); a peer whose Δ is malformed or
+not finite is left out of that round and named in ``report()["robust"]``.
+
+Mixed-dtype models (fp32 and bf16 parameters): φ, its outer momentum and Δ are kept per
+parameter in that parameter's dtype, and the comm reduces each dtype group in its own precision.
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
+from dtrain.algorithms.base import Algorithm
+from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
 
@@ -24,38 +35,40 @@ class Config:
     outer_momentum: float = 0.9
     nesterov: bool = True
     broadcast_init: bool = True
+    robust: str = "none"  # none | trimmed_mean | median (coordinate-wise, over every worker's Δ)
+    robust_trim: float = DEFAULT_TRIM  # trimmed_mean: fraction dropped at each end
+    robust_norm_bound: float = 0.0  # 0 = off; else clip a Δ to this multiple of the median Δ norm
+
+    def validate(self) -> None:
+        """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
+        if self.sync_every < 1:
+            raise ValueError(f"algo.sync_every must be >= 1, got {self.sync_every}")
+        if self.outer_lr <= 0:
+            raise ValueError(f"algo.outer_lr must be > 0, got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"algo.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.nesterov and self.outer_momentum == 0:
+            raise ValueError("algo.nesterov=true needs algo.outer_momentum > 0 (set algo.nesterov=false)")
+        check_options(self.robust, self.robust_trim, self.robust_norm_bound)
 
 
-def validate(cfg: Config) -> None:
-    if cfg.sync_every < 1:
-        raise ValueError(f"algo.sync_every must be >= 1, got {cfg.sync_every}")
-    if cfg.outer_lr <= 0:
-        raise ValueError(f"algo.outer_lr must be > 0, got {cfg.outer_lr}")
-    if not 0 <= cfg.outer_momentum < 1:
-        raise ValueError(f"algo.outer_momentum must be in [0, 1), got {cfg.outer_momentum}")
-    if cfg.nesterov and cfg.outer_momentum == 0:
-        raise ValueError("algo.nesterov=true needs algo.outer_momentum > 0 (set algo.nesterov=false)")
+validate = Config.validate  # dtrain.config calls it on the algo section
 
 
-class DiLoCo(OptimizerHook):
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        comm: Comm,
-        *,
-        sync_every: int = 500,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.9,
-        nesterov: bool = True,
-        broadcast_init: bool = True,
-    ) -> None:
-        validate(Config(sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum, nesterov=nesterov))
-        super().__init__(optimizer, comm)
-        self.sync_every = sync_every
+class DiLoCo(Algorithm):
+    """``DiLoCo(optimizer, comm, cfg=None, **overrides)``: the options of `Config` (e.g.
+    ``DiLoCo(opt, comm, sync_every=500, outer_lr=0.7, outer_momentum=0.9)``)."""
+
+    Config = Config
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Comm, cfg: Config | None = None, **overrides: Any) -> None:
+        super().__init__(optimizer, comm, cfg, **overrides)
         self.outer_syncs = 0
-        self.skipped_syncs = 0
+        self.skipped_syncs = 0  # outer steps skipped on every worker: the mean Δ was not finite
+        self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
+        self.tracker = Tracker("diloco", self.robust)
         params = self.params
-        if broadcast_init:
+        if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(params, src=0)
         # φ: the slow weights, a copy of the fast weights at the last sync; outer grads live in φ.grad.
@@ -63,60 +76,140 @@ class DiLoCo(OptimizerHook):
         for phi in self.outer_params:
             phi.grad = torch.zeros_like(phi)
         self.outer_optimizer = torch.optim.SGD(
-            self.outer_params, lr=outer_lr, momentum=outer_momentum, nesterov=nesterov
+            self.outer_params, lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum, nesterov=self.cfg.nesterov
         )
+        # `release`/`restore` (LISA): which φ are held, which to drop after the next sync, and
+        # whether θ = φ still holds (no inner step since the last sync), so a drop can be immediate.
+        self.held = [True] * len(self.outer_params)
+        self._release_at_sync: set[int] = set()
+        self._synced = True
+
+    @property
+    def sync_every(self) -> int:
+        return self.cfg.sync_every
+
+    def before_step(self) -> None:
+        self._synced = False
 
     def after_step(self) -> None:
         if self.step % self.sync_every == 0:
             self.sync()
 
+    def _indices(self, params: list[torch.Tensor]) -> list[int]:
+        where = {id(p): i for i, p in enumerate(self.params)}
+        return [where[id(p)] for p in params]
+
+    def release(self, params: list[torch.Tensor]) -> None:
+        """Frozen ``params`` lose φ and outer momentum: now if θ = φ, else after the next sync
+        (which still averages what they trained since the last one, keeping replicas identical)."""
+        for i in self._indices(params):
+            if self.held[i] and self._synced:
+                self._drop(i)
+            elif self.held[i]:
+                self._release_at_sync.add(i)
+
+    @torch.no_grad()
+    def restore(self, params: list[torch.Tensor]) -> None:
+        """``params`` train again: φ ← their θ (equal on every worker: frozen since a sync), momentum from zero."""
+        for i, p in zip(self._indices(params), params):
+            self._release_at_sync.discard(i)
+            if not self.held[i]:
+                phi = self.outer_params[i]
+                phi.data = p.detach().clone()
+                phi.grad = torch.zeros_like(phi)
+                self.held[i] = True
+
+    def _drop(self, i: int) -> None:
+        phi = self.outer_params[i]
+        self.outer_optimizer.state.pop(phi, None)
+        phi.grad = None  # torch's SGD skips it
+        phi.data = torch.empty(0, dtype=phi.dtype, device=phi.device)
+        self.held[i] = False
+
     @torch.no_grad()
     def sync(self) -> None:
-        """The outer step: average the pseudo-gradients, step φ, reset θ to φ."""
-        params = self.params
-        deltas = [phi.grad for phi in self.outer_params]
-        torch._foreach_copy_(deltas, self.outer_params)
+        """The outer step: average the pseudo-gradients, step φ, reset θ to φ (held φ only)."""
+        held = [i for i, h in enumerate(self.held) if h]
+        params = [self.params[i] for i in held] if len(held) < len(self.held) else self.params
+        outer = [self.outer_params[i] for i in held]
+        deltas = [phi.grad for phi in outer]
+        torch._foreach_copy_(deltas, outer)
         torch._foreach_sub_(deltas, [p.detach() for p in params])
-        self.comm.all_reduce(deltas, op="mean")
+        if self.robust.active:
+            self._robust_mean(deltas)
+        else:
+            self.comm.all_reduce(deltas, op="mean")
+        # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean.
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
             # Every worker sees the same reduced Δ, so every worker skips together.
             self.skipped_syncs += 1
         else:
             self.outer_optimizer.step()
             self.outer_syncs += 1
-        torch._foreach_copy_([p.detach() for p in params], self.outer_params)
+        torch._foreach_copy_([p.detach() for p in params], outer)
+        for i in sorted(self._release_at_sync):
+            self._drop(i)
+        self._release_at_sync.clear()
+        self._synced = True
+
+    def _robust_mean(self, deltas: list[torch.Tensor]) -> None:
+        """Overwrite ``deltas`` with the robust aggregate of every worker's (NaN if none usable)."""
+        dtype = common_dtype(deltas)  # the estimators work on one row per worker: one dtype
+        flat = torch.cat([d.reshape(-1).to(dtype) for d in deltas])
+        gathered = self.comm.all_gather([flat], skip_bad=True)
+        ranks = [r for r, got in enumerate(gathered) if got]
+        where = f"outer step {self.step // self.sync_every}"
+        self.tracker.note("dropped", [r for r in self.comm.peers() if r >= len(gathered) or not gathered[r]],
+                          rank=self.comm.rank, where=where)
+        if not ranks:
+            value = torch.full_like(flat, float("nan"))
+        else:
+            result = aggregate(torch.stack([gathered[r][0] for r in ranks]), self.robust)
+            self.tracker.round(result, ranks, rank=self.comm.rank, where=where)
+            value = result.value
+        offset = 0
+        for d in deltas:
+            d.copy_(value[offset : offset + d.numel()].view_as(d))
+            offset += d.numel()
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "outer_syncs": self.outer_syncs,
             "skipped_syncs": self.skipped_syncs,
-            "outer_params": [phi.detach().clone() for phi in self.outer_params],
+            "outer_params": [phi.detach().clone() for phi in self.outer_params],  # a released φ: empty
             "outer_optimizer": self.outer_optimizer.state_dict(),
+            "held": list(self.held), "release_at_sync": sorted(self._release_at_sync), "synced": self._synced,
+            "robust": self.tracker.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.outer_syncs = int(state["outer_syncs"])
         self.skipped_syncs = int(state["skipped_syncs"])
+        held = state.get("held", [True] * len(self.outer_params))
         with torch.no_grad():
-            for phi, saved in zip(self.outer_params, state["outer_params"], strict=True):
-                phi.copy_(saved)
+            for i, (phi, saved) in enumerate(zip(self.outer_params, state["outer_params"], strict=True)):
+                if not held[i]:
+                    if self.held[i]:
+                        self._drop(i)
+                elif phi.shape != saved.shape:  # released here, held in the checkpoint
+                    phi.data = saved.clone()
+                    phi.grad = torch.zeros_like(phi)
+                    self.held[i] = True
+                else:
+                    phi.copy_(saved)
+        self._release_at_sync = {int(i) for i in state.get("release_at_sync", [])}
+        self._synced = bool(state.get("synced", self.step % self.sync_every == 0))
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.tracker.load_state_dict(state.get("robust"))
 
     def report(self) -> dict[str, Any]:
-        return {"outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs}
+        out: dict[str, Any] = {**super().report(), "outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs}
+        if self.robust.active:
+            out["robust"] = self.tracker.report()
+        return out
 
 
-def attach(cfg: Config, ctx: AttachContext) -> Attached:
-    validate(cfg)
-    algo = DiLoCo(
-        ctx.optimizer,
-        ctx.comm,
-        sync_every=cfg.sync_every,
-        outer_lr=cfg.outer_lr,
-        outer_momentum=cfg.outer_momentum,
-        nesterov=cfg.nesterov,
-        broadcast_init=cfg.broadcast_init,
-    )
-    return Attached(algorithm=algo)
+
+attach = DiLoCo.attach  # what `dtrain train` calls: DiLoCo(ctx.optimizer, ctx.comm, cfg.algo)

@@ -12,11 +12,17 @@ from typing import Any
 import torch
 
 SPACINGS = ("linear", "log")
-AUTO_LR_MODES = ("additive", "scale")
+AUTO_LR_MODES = ("scale", "select", "additive")
 _KNOB = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
 _MOMENTUM_KNOBS = {("momentum", None), ("betas", 0)}
 # The scale mode's factor stays within [1/MAX_SCALE, MAX_SCALE] of the curve: a runaway guard only.
 MAX_SCALE = 1e3
+
+
+def multiplier_units(world_size: int) -> list[float]:
+    """u_r = (r − (N−1)/2)/max((N−1)/2, 0.5): evenly in [−1, 1], the position of ρ_r in the spread."""
+    half = (world_size - 1) / 2
+    return [(r - half) / max(half, 0.5) for r in range(world_size)]
 
 
 def multipliers(world_size: int, spread: float, *, spacing: str = "linear") -> list[float]:
@@ -25,11 +31,19 @@ def multipliers(world_size: int, spread: float, *, spacing: str = "linear") -> l
     linear (DESIGN): 1 + a·u_r with u_r = (r − (N−1)/2)/max((N−1)/2, 0.5): mean 1, in [1 − a, 1 + a].
     log: (1 + a)^u_r: geometric mean 1, in [1/(1 + a), 1 + a] (a may exceed 1: a = 3 spans ×¼ … ×4).
     """
-    half = (world_size - 1) / 2
-    units = [(r - half) / max(half, 0.5) for r in range(world_size)]
+    units = multiplier_units(world_size)
     if spacing == "log":
         return [(1.0 + spread) ** u for u in units]
     return [1.0 + spread * u for u in units]
+
+
+def deal(keys: list[tuple[int, int]], replicas: int, *, seed: int, index: int) -> dict[tuple[int, int], list[int]]:
+    """Which multiplier each replica holds, per key, in interval ``index``: the same on every replica
+    (a private generator seeded by seed + index; index 0 is the identity)."""
+    if index == 0:
+        return {k: list(range(replicas)) for k in keys}
+    gen = torch.Generator().manual_seed(seed + index)
+    return {k: torch.randperm(replicas, generator=gen).tolist() for k in keys}
 
 
 def softmax_weights(losses: list[float | None], sigma: float) -> list[float]:
@@ -50,6 +64,39 @@ def weighted_shift(weights: list[float], values: list[float]) -> float:
     if not weights:
         return 0.0
     return sum(w * x for w, x in zip(weights, values)) - sum(values) / len(values)
+
+
+# -- the significance test that gates the controller ----------------------------------------------
+# A test by betting (Ville's inequality). Each round's sign says whether the replicas with the higher
+# multipliers had the higher (+1) or lower (−1) losses. Under the null that the multiplier does not
+# change the loss, the sign is ±1 with equal chance: the multipliers are re-dealt to replicas by a
+# fresh random permutation every round, and reversing a deal flips the sign. So the wealth
+# M = mean over λ in BETS of Π_k (1 + λ·sign_k) is a martingale with M_0 = 1, and P(M ever reaches
+# 1/α) ≤ α over the whole run, however many rounds are looked at: noise alone opens the gate with
+# probability at most α. With α = 0.05 it takes at least 7 consistent rounds (or 10 with one contrary).
+BETS = (-0.9, -0.75, -0.5, 0.5, 0.75, 0.9)
+
+
+def round_sign(losses: list[float | None], units: list[float]) -> int:
+    """sign of Σ_r u_r·(L_r − mean L) over the replicas that reported a loss (0: a tie or < 2 losses).
+
+    ``units`` is each replica's position u in the spread this round (its multiplier's rank)."""
+    pairs = [(x, u) for x, u in zip(losses, units) if x is not None]
+    if len(pairs) < 2:
+        return 0
+    mean = sum(x for x, _ in pairs) / len(pairs)
+    s = sum(u * (x - mean) for x, u in pairs)
+    return (s > 0) - (s < 0)
+
+
+def bet_wealth(signs_up: int, signs_down: int) -> float:
+    """M after ``signs_up`` rounds of +1 and ``signs_down`` of −1 (the order does not matter)."""
+    return sum((1 + lam) ** signs_up * (1 - lam) ** signs_down for lam in BETS) / len(BETS)
+
+
+def evidence_passes(signs_up: int, signs_down: int, alpha: float | None) -> bool:
+    """Whether the rounds so far reject 'the multiplier does not matter' at level ``alpha`` (None: no test)."""
+    return alpha is None or bet_wealth(signs_up, signs_down) >= 1 / alpha
 
 
 def decay_rate(start: float, floor: float, intervals: float) -> float:
@@ -88,14 +135,13 @@ def check_hdet_args(
         raise ValueError(f"auto_lr_stop must be >= 0 or null, got {stop}")
 
 
-def check_select_args(steps: int, value_range: float, *, mode: str, total: int) -> None:
-    """ValueError naming the selection-start argument to change."""
-    if int(steps) != steps or not 0 <= steps < total:
-        raise ValueError(f"select_steps must be an integer in [0, total_steps={total}), got {steps}")
-    if steps and not value_range > 1:
-        raise ValueError(f"select_range must be > 1 (replicas start at c = range^u, u in [-1, 1]), got {value_range}")
-    if steps and mode != "scale":
-        raise ValueError("select_steps needs auto_lr_mode='scale' (the winner's factor c scales the schedule)")
+def resolve_select_steps(steps: int | None, *, mode: str, total: int) -> int:
+    """The step of the selection (0: none): ``steps``, or 10% of the run in select mode; checked against the run."""
+    if steps is None:
+        steps = max(1, total // 10) if mode == "select" else 0
+    if not 0 <= steps < total:
+        raise ValueError(f"algo.select_steps must be an integer in [0, total_steps={total}), got {steps}")
+    return int(steps)
 
 
 # -- explored hyperparameters -------------------------------------------------------------------

@@ -83,3 +83,27 @@ def curve_point(
             return lr, mom
         start_step = phase.end_step
     raise AssertionError("unreachable: the last phase always matches")
+
+
+def init_groups(groups: list[dict[str, Any]], max_lr: float | list[float], *, div_factor: float, final_div_factor: float,
+                cycle_momentum: bool, base_momentum: float | list[float], max_momentum: float | list[float],
+                use_beta1: bool, fresh: bool) -> None:
+    """Write OneCycleLR's per-group anchors (initial/max/min lr, momenta) as torch does; a resumed
+    scheduler (``fresh`` False, last_epoch >= 0) finds them already in the groups."""
+    max_lrs = values_per_group("max_lr", max_lr, groups)
+    if fresh:
+        for group, peak in zip(groups, max_lrs):
+            group["initial_lr"] = peak / div_factor
+            group["max_lr"] = peak
+            group["min_lr"] = group["initial_lr"] / final_div_factor
+    if cycle_momentum:
+        tops = values_per_group("max_momentum", max_momentum, groups)
+        bottoms = values_per_group("base_momentum", base_momentum, groups)
+        if fresh:
+            for group, top, bottom in zip(groups, tops, bottoms):
+                if use_beta1:
+                    group["betas"] = (top, *group["betas"][1:])
+                else:
+                    group["momentum"] = top
+                group["max_momentum"] = top
+                group["base_momentum"] = bottom

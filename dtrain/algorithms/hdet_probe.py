@@ -20,7 +20,7 @@ import torch
 class IterateMean:
     """Running mean of a list of parameters over one converge interval (one extra copy of them).
 
-    Not checkpointed: after a resume mid-interval it covers the steps since the resume.
+    Checkpointed with the scheduler, so a resume mid-interval scores the same mean.
     """
 
     def __init__(self) -> None:
@@ -29,6 +29,12 @@ class IterateMean:
 
     def reset(self) -> None:
         self._mean, self.count = [], 0
+
+    def state_dict(self) -> dict:
+        return {"mean": [m.clone() for m in self._mean], "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._mean, self.count = [m.clone() for m in state["mean"]], int(state["count"])
 
     @torch.no_grad()
     def add(self, params: list[torch.Tensor]) -> None:

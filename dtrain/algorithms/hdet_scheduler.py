@@ -10,18 +10,28 @@ from typing import Any, Callable
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from dtrain.algorithms.base import optimizer_params
-from dtrain.algorithms.hdet_controller import (MAX_SCALE, Knob, check_hdet_args, check_select_args, decay_rate,
-                                               multipliers, parse_explore, softmax_weights, weighted_shift)
-from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, resolve_total_steps, values_per_group
+from dtrain.algorithms.base import make_config, optimizer_params
+from dtrain.algorithms.hdet_config import Config
+from dtrain.algorithms.hdet_controller import (MAX_SCALE, decay_rate, evidence_passes,
+                                               multiplier_units, multipliers, parse_explore, resolve_select_steps,
+                                               deal, round_sign, softmax_weights, weighted_shift)
+from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, init_groups, resolve_total_steps
 from dtrain.algorithms.hdet_probe import IterateMean
+from dtrain.algorithms.hdet_readout import Readout
 from dtrain.algorithms.hdet_replicas import (average_finite, broadcast_from, load_optimizer_from, optimizer_state,
                                              share_scores)
 from dtrain.comm.base import Comm
-from dtrain.comm.torch_backend import default_comm
 
-class HDET(LRScheduler):
+
+class HDET(Readout, LRScheduler):
     """OneCycleLR with hyperparameter-divergent replicas, periodic averaging and an auto-LR controller.
+
+    ``HDET(optimizer, max_lr, total_steps, ..., comm=None, cfg=None, seed=0, probe=None, **overrides)``:
+    OneCycleLR's arguments (positional as in torch; one left out, or None, takes ``cfg``'s value, whose
+    defaults are torch's), then the options of `Config` as ``cfg`` and/or keywords (an unknown one is a
+    TypeError). ``comm=None`` is one replica: exactly OneCycleLR. ``seed`` (the run's, shared by every
+    replica) deals the multipliers; ``probe(converge_index) -> loss`` scores this replica on batches every
+    replica shares (see `dtrain.algorithms.hdet_probe`).
 
     ``step(loss)`` feeds the controller (the loss of the batch just trained on); ``step()`` works too.
     Every replica must call ``step`` the same number of times: converge steps are collectives.
@@ -34,95 +44,77 @@ class HDET(LRScheduler):
         total_steps: int | None = None,
         epochs: int | None = None,
         steps_per_epoch: int | None = None,
-        pct_start: float = 0.3,
-        anneal_strategy: str = "cos",
-        cycle_momentum: bool = True,
-        base_momentum: float | list[float] = 0.85,
-        max_momentum: float | list[float] = 0.95,
-        div_factor: float = 25.0,
-        final_div_factor: float = 1e4,
-        three_phase: bool = False,
+        pct_start: float | None = None,
+        anneal_strategy: str | None = None,
+        cycle_momentum: bool | None = None,
+        base_momentum: float | list[float] | None = None,
+        max_momentum: float | list[float] | None = None,
+        div_factor: float | None = None,
+        final_div_factor: float | None = None,
+        three_phase: bool | None = None,
         last_epoch: int = -1,
         *,
-        spread: float = 1 / 9,
-        converge_every: int = 1000,
-        auto_lr: bool = True,
-        auto_lr_warmup: int | None = None,
-        auto_lr_beta: float = 0.9,
-        auto_lr_sigma: float = 0.1,
-        auto_lr_gain: float = 0.5,
-        auto_lr_mode: str = "additive",
-        auto_lr_window: int | None = None,
-        auto_lr_stop: int | None = None,
-        spacing: str = "linear",
-        explore: list[str] | tuple[str, ...] = ("lr",),
-        per_group: bool = True,
-        reshuffle: bool = True,
-        average_optimizer_state: bool = False,
-        grad_sync: bool = False,
-        broadcast_init: bool = True,
+        comm: Comm | None = None,
+        cfg: Config | None = None,
         seed: int = 0,
         probe: Callable[[int], float] | None = None,
-        select_steps: int = 0,
-        select_range: float = 10.0,
-        comm: Comm | None = None,
+        **overrides: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        onecycle = dict(pct_start=pct_start, anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum,
+                        base_momentum=base_momentum, max_momentum=max_momentum, div_factor=div_factor,
+                        final_div_factor=final_div_factor, three_phase=three_phase)
+        self.cfg = c = make_config(Config, cfg, {**overrides, **{k: v for k, v in onecycle.items() if v is not None}},
+                                   owner="HDET")
         self.optimizer = optimizer
         self.total_steps = resolve_total_steps(total_steps, epochs, steps_per_epoch)
-        self._phases = build_phases(self.total_steps, pct_start, three_phase)
-        if anneal_strategy not in ("cos", "linear"):
-            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
-        self._anneal = anneal_strategy
-        check_hdet_args(spread, converge_every, auto_lr_warmup, auto_lr_beta, auto_lr_sigma, auto_lr_gain,
-                        spacing=spacing, mode=auto_lr_mode, window=auto_lr_window, stop=auto_lr_stop)
-        self.cycle_momentum = cycle_momentum
-        self.knobs = parse_explore(list(explore), optimizer, cycle_momentum=cycle_momentum)
-        self.comm = comm if comm is not None else default_comm()
-        self.replicas, self.rank = self.comm.world_size, self.comm.rank
-        self.spread, self.converge_every = float(spread), int(converge_every)
-        # With one replica or no spread there is nothing to compare: the curve stays OneCycle's.
-        self.auto_lr = auto_lr and self.comm.world_size > 1 and spread > 0
-        self.auto_lr_warmup = int(0.1 * self.total_steps) if auto_lr_warmup is None else int(auto_lr_warmup)
-        self.beta, self.sigma, self.gain = float(auto_lr_beta), float(auto_lr_sigma), float(auto_lr_gain)
-        self.mode, self.spacing = auto_lr_mode, spacing
-        self.window = self.converge_every if auto_lr_window is None else int(auto_lr_window)
-        self.auto_lr_stop = None if auto_lr_stop is None else int(auto_lr_stop)
-        self.per_group, self.reshuffle = per_group, reshuffle
-        self.average_optimizer_state = average_optimizer_state
+        self._phases = build_phases(self.total_steps, c.pct_start, c.three_phase)
+        self._anneal = c.anneal_strategy
+        self.cycle_momentum = c.cycle_momentum
+        self.knobs = parse_explore(list(c.explore), optimizer, cycle_momentum=c.cycle_momentum)
+        self.comm = comm
+        self.replicas, self.rank = (comm.world_size, comm.rank) if comm is not None else (1, 0)
+        self.spread, self.converge_every = float(c.spread), int(c.converge_every)
+        self.mode, self.spacing = c.auto_lr_mode, c.spacing
+        self._scaled = self.mode in ("scale", "select")  # c × the curve (else additive: a base lr of its own)
+        # With one replica there is nothing to compare (nor with no spread, outside a selection start):
+        # the controller stays off and the curve is exactly OneCycle's.
+        self.auto_lr = c.auto_lr and self.replicas > 1 and (self.spread > 0 or self.mode == "select" or bool(c.select_steps))
+        self.select_steps = resolve_select_steps(c.select_steps, mode=self.mode, total=self.total_steps)
+        if self.select_steps and not self.auto_lr:
+            raise ValueError(f"algo.select_steps={self.select_steps} (auto_lr_mode={self.mode}) needs 2+ replicas to "
+                             "select from: pass a comm with world_size > 1, or use auto_lr_mode='scale'")
+        self.auto_lr_warmup = int(0.1 * self.total_steps) if c.auto_lr_warmup is None else int(c.auto_lr_warmup)
+        self.beta, self.sigma, self.gain = float(c.auto_lr_beta), float(c.auto_lr_sigma), float(c.auto_lr_gain)
+        self.alpha = c.auto_lr_alpha
+        self.window = self.converge_every if c.auto_lr_window is None else int(c.auto_lr_window)
+        stop = self.select_steps if c.auto_lr_stop is None and self.mode == "select" else c.auto_lr_stop
+        self.auto_lr_stop = None if stop is None else int(stop)
+        self.per_group, self.reshuffle = c.per_group, c.reshuffle
+        self.average_optimizer_state = c.average_optimizer_state
         self.seed = int(seed)
         if probe is not None and not callable(probe):
             raise TypeError(f"probe must be a callable probe(converge_index) -> loss, got {type(probe).__name__}")
+        if c.probe_batches and probe is None:
+            raise ValueError(f"algo.probe_batches={c.probe_batches} is how `dtrain train` builds a probe; "
+                             "in your own loop pass probe=fn(converge_index) -> loss instead")
         self.probe = probe
         self._iterates = IterateMean()  # the probe's point; empty unless probing
-        check_select_args(select_steps, select_range, mode=auto_lr_mode, total=self.total_steps)
-        self.select_steps = int(select_steps) if self.auto_lr else 0
         # the selection start: replica r runs c = range^u_r (u_r evenly in [−1, 1]) until select_steps
-        self._select_rho = multipliers(self.replicas, float(select_range) - 1.0, spacing="log")
+        self._select_rho = multipliers(self.replicas, float(c.select_range) - 1.0, spacing="log")
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
+        self._units = multiplier_units(self.replicas)
 
         groups = optimizer.param_groups
-        max_lrs = values_per_group("max_lr", max_lr, groups)
-        if last_epoch == -1:
-            for group, peak in zip(groups, max_lrs):
-                group["initial_lr"] = peak / div_factor
-                group["max_lr"] = peak
-                group["min_lr"] = group["initial_lr"] / final_div_factor
-        if cycle_momentum:
+        if c.cycle_momentum:
             if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
-                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled "
+                                 "(set cycle_momentum=False)")
             self.use_beta1 = "betas" in optimizer.defaults
-            if last_epoch == -1:
-                tops = values_per_group("max_momentum", max_momentum, groups)
-                bottoms = values_per_group("base_momentum", base_momentum, groups)
-                for group, top, bottom in zip(groups, tops, bottoms):
-                    if self.use_beta1:
-                        group["betas"] = (top, *group["betas"][1:])
-                    else:
-                        group["momentum"] = top
-                    group["max_momentum"] = top
-                    group["base_momentum"] = bottom
+        init_groups(groups, max_lr, div_factor=c.div_factor, final_div_factor=c.final_div_factor,
+                    cycle_momentum=c.cycle_momentum, base_momentum=c.base_momentum, max_momentum=c.max_momentum,
+                    use_beta1=getattr(self, "use_beta1", False), fresh=last_epoch == -1)
 
         # Controller state, one entry per (explored key, param group); values on the explore scale.
         n_knobs, n_groups = len(self.knobs), len(groups)
@@ -131,24 +123,33 @@ class HDET(LRScheduler):
         self._base: list[list[float | None]] = [[None] * n_groups for _ in range(n_knobs)]
         self._velocity = [[0.0] * n_groups for _ in range(n_knobs)]
         self._gamma = [[0.0] * n_groups for _ in range(n_knobs)]
-        self._log_scale = [[0.0] * n_groups for _ in range(n_knobs)]  # auto_lr_mode=scale: ln c
+        self._log_scale = [[0.0] * n_groups for _ in range(n_knobs)]  # scale/select modes: ln c
+        self._signs = [[[0, 0] for _ in range(n_groups)] for _ in range(n_knobs)]  # the test's rounds: [up, down]
         self.converges = 0
         self._loss_sum, self._loss_count = 0.0, 0
         self.log: list[dict[str, Any]] = []  # one entry per converge step after the warm-up
         self._perms = self._draw_permutations(0)
 
         self._grad_sync = None
-        self._wants_grad_sync = grad_sync and self.replicas > 1
+        self._wants_grad_sync = c.grad_sync and self.replicas > 1
         if self._wants_grad_sync and not self.select_steps:  # with a selection start: from the selection on
             self._start_grad_sync()
-        if broadcast_init and self.replicas > 1 and last_epoch == -1:
+        if c.broadcast_init and self.replicas > 1 and last_epoch == -1:
             with torch.no_grad():
-                broadcast_from(self.comm, optimizer_params(optimizer), src=0)
+                broadcast_from(self.comm, optimizer_params(optimizer), src=0)  # type: ignore[arg-type]
+        self._ready = False  # LRScheduler's own first step (and a resumed last_epoch) must not converge
         super().__init__(optimizer, last_epoch)
+        self._ready = True
 
     # -- the schedule ----------------------------------------------------------------------------
     def step(self, loss: float | torch.Tensor | None = None) -> None:  # type: ignore[override]
         """Advance one optimizer step; ``loss`` (optional) is the loss of the step just taken."""
+        if self._ready:
+            self._account(loss)
+        super().step()
+
+    def _account(self, loss: float | torch.Tensor | None) -> None:
+        """Count the loss; keep the probe's running mean; at a converge (or the selection) step, act."""
         if loss is not None:
             value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
             # Only the interval's last `window` steps count: right after an average the replicas agree.
@@ -164,7 +165,6 @@ class HDET(LRScheduler):
             self.select()
         elif self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
             self.converge()
-        super().step()
 
     def get_lr(self) -> list[float]:
         step = self.last_epoch
@@ -192,7 +192,7 @@ class HDET(LRScheduler):
         auto_lr_mode=scale: (the schedule's / initial value) × c × its multiplier, the curve kept."""
         knob, base = self.knobs[ki], self._base[ki][gi]
         rho = self.multiplier(knob.name, gi)
-        if self.mode == "scale":
+        if self._scaled:
             factor = math.exp(self._log_scale[ki][gi]) * rho
             if factor == 1.0:
                 return schedule_value if knob.key == "lr" else self._raw[ki][gi]
@@ -249,8 +249,7 @@ class HDET(LRScheduler):
         shift = math.log(self._select_rho[winner])
         self._log_scale = [[x + shift for x in row] for row in self._log_scale]
         self.log.append({"step": self.select_steps, "losses": losses, "selected": winner,
-                         "base": {k.name: self.base_values(k.name) for k in self.knobs},
-                         "scale": {k.name: [math.exp(x) for x in row] for k, row in zip(self.knobs, self._log_scale)}})
+                         **self.snapshot()})
         self._loss_sum, self._loss_count = 0.0, 0
         self._iterates.reset()
         self.converges += 1
@@ -281,17 +280,27 @@ class HDET(LRScheduler):
     def _update_controller(self, losses: list[float | None], done: int) -> None:
         weights = softmax_weights(losses, self.sigma)
         steering = self.steering(done)  # afterwards: no loss-driven moves
+        random_deal = self.reshuffle and self.converges > 0  # the first deal is the identity: no test round
+        passed_any = []
         for ki, knob in enumerate(self.knobs):
             for gi, group in enumerate(self.optimizer.param_groups):
                 perm = self._perms[self._perm_key(ki, gi)]
-                if self.mode == "scale":  # ln c moves towards the winners' ln ρ; the curve does the decay
+                if steering and random_deal:
+                    sign = round_sign(losses, [self._units[perm[r]] for r in range(self.replicas)])
+                    self._signs[ki][gi][0 if sign > 0 else 1] += sign != 0
+                # No move (and no take-over from the curve) until the rounds pass the test.
+                moves = steering and evidence_passes(*self._signs[ki][gi], self.alpha)
+                passed_any.append(moves)
+                if self._scaled:  # ln c moves towards the winners' ln ρ; the curve does the decay
                     delta = weighted_shift(weights, [math.log(self.rho[perm[r]]) for r in range(self.replicas)])
-                    v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta if steering else 0.0
+                    v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta if moves else 0.0
                     self._velocity[ki][gi] = v
                     bound = math.log(MAX_SCALE)
                     self._log_scale[ki][gi] = min(max(self._log_scale[ki][gi] + self.gain * v, -bound), bound)
                     continue
                 if self._base[ki][gi] is None:  # the controller takes over from the schedule here
+                    if not evidence_passes(*self._signs[ki][gi], self.alpha):
+                        continue
                     if knob.key == "lr":
                         start = curve_point(min(done, self.total_steps), self._phases, self._anneal, group, momentum=False)[0]
                         self._gamma[ki][gi] = decay_rate(start, group["min_lr"], (self.total_steps - done) / self.converge_every)
@@ -300,27 +309,22 @@ class HDET(LRScheduler):
                     self._base[ki][gi] = start
                 base = float(self._base[ki][gi])  # type: ignore[arg-type]
                 delta = weighted_shift(weights, [base * self.rho[perm[r]] for r in range(self.replicas)])
-                v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta if steering else 0.0
+                v = self.beta * self._velocity[ki][gi] + (1 - self.beta) * delta if moves else 0.0
                 new = base * (1 - self._gamma[ki][gi]) + self.gain * v
                 lo, hi = knob.bounds(group)
                 self._velocity[ki][gi] = v
                 self._base[ki][gi] = min(max(new, lo), hi) if math.isfinite(new) else base
-        self.log.append({"step": done, "losses": losses, "weights": weights,
-                         "base": {k.name: self.base_values(k.name) for k in self.knobs},
-                         "scale": {k.name: [math.exp(x) for x in row] for k, row in zip(self.knobs, self._log_scale)}})
+        self.log.append({"step": done, "losses": losses, "weights": weights, "moved": any(passed_any),
+                         **self.snapshot()})
 
     # -- multipliers ---------------------------------------------------------------------------
     def _perm_key(self, ki: int, gi: int) -> tuple[int, int]:
         return (ki, gi if self.per_group else 0)
 
     def _draw_permutations(self, converge_index: int) -> dict[tuple[int, int], list[int]]:
-        """Same on every replica: a private generator seeded by seed + converge index."""
         n_groups = len(self.optimizer.param_groups) if self.per_group else 1
         keys = [(ki, gi) for ki in range(len(self.knobs)) for gi in range(n_groups)]
-        if not self.reshuffle or converge_index == 0:
-            return {k: list(range(self.replicas)) for k in keys}
-        gen = torch.Generator().manual_seed(self.seed + converge_index)
-        return {k: torch.randperm(self.replicas, generator=gen).tolist() for k in keys}
+        return deal(keys, self.replicas, seed=self.seed, index=converge_index if self.reshuffle else 0)
 
     def multiplier(self, name: str = "lr", group: int = 0) -> float:
         """This replica's current multiplier of explored hyperparameter ``name`` in ``group``."""
@@ -328,7 +332,7 @@ class HDET(LRScheduler):
             return self._select_rho[self.rank]
         if self.exploring_stopped:
             return 1.0
-        ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
+        ki = self._knob(name)
         return self.rho[self._perms[self._perm_key(ki, group)][self.rank]]
 
     @property
@@ -341,47 +345,33 @@ class HDET(LRScheduler):
         """From step auto_lr_stop on the loss no longer steers, so every replica runs ρ = 1 (fan-in)."""
         return self.auto_lr and self.auto_lr_stop is not None and self.last_epoch >= self.auto_lr_stop
 
-    def base_values(self, name: str = "lr") -> list[float | None]:
-        """The controller's base value per param group (None before the controller starts).
-
-        auto_lr_mode=scale: the value before the multiplier, i.e. the schedule's (or initial) value × c."""
-        ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
-        knob = self.knobs[ki]
-        if self.mode == "scale":
-            out = []
-            for gi, group in enumerate(self.optimizer.param_groups):
-                c = math.exp(self._log_scale[ki][gi])
-                if knob.key == "lr":
-                    step = min(max(self.last_epoch, 0), self.total_steps)
-                    out.append(curve_point(step, self._phases, self._anneal, group, momentum=False)[0] * c)
-                else:
-                    lo, hi = knob.bounds(group)
-                    out.append(knob.from_scale(min(max(self._start[ki][gi] * c, lo), hi)))
-            return out
-        return [None if b is None else knob.from_scale(b) for b in self._base[ki]]
-
-    def scale_values(self, name: str = "lr") -> list[float]:
-        """auto_lr_mode=scale: the controller's factor c per param group on the explored value (1 at start)."""
-        ki = next(i for i, k in enumerate(self.knobs) if k.name == name)
-        return [math.exp(x) for x in self._log_scale[ki]]
-
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints ------------------------------------------------------------------------------
     _STATE = ("last_epoch", "_step_count", "_last_lr", "base_lrs", "total_steps", "converges", "_base",
-              "_velocity", "_gamma", "_log_scale", "_start", "_raw", "_loss_sum", "_loss_count", "log", "replicas", "spread",
-              "spacing", "seed")
+              "_velocity", "_gamma", "_log_scale", "_signs", "_start", "_raw", "_loss_sum", "_loss_count", "log",
+              "replicas", "spread", "spacing", "seed")
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: _plain(getattr(self, key)) for key in self._STATE}
+        """Everything a resume needs, the probe's running mean of the interval included (exact mid-interval)."""
+        grad_sync = self._grad_sync.state_dict() if self._grad_sync is not None else None
+        return {**{key: _plain(getattr(self, key)) for key in self._STATE}, "iterates": self._iterates.state_dict(),
+                "grad_sync": grad_sync}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if int(state_dict["replicas"]) != self.replicas:
             raise ValueError(f"HDET checkpoint was written by {state_dict['replicas']} replicas, this run has {self.replicas}; resume with the same number of workers")
+        missing = [key for key in (*self._STATE, "iterates") if key not in state_dict]
+        if missing:
+            raise ValueError(f"HDET checkpoint has no {missing[0]!r} (written by an older dtrain); resume with the "
+                             "version that wrote it, or start the run over")
         for key in self._STATE:
             setattr(self, key, _plain(state_dict[key]))
+        self._iterates.load_state_dict(state_dict["iterates"])
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
         self._perms = self._draw_permutations(self.converges)
         if self._wants_grad_sync and not self.selecting:
             self._start_grad_sync()
+            if state_dict.get("grad_sync") is not None:
+                self._grad_sync.load_state_dict(state_dict["grad_sync"])  # type: ignore[union-attr]
 
     def remove(self) -> None:
         """Stop the per-step gradient sync hook (if any)."""

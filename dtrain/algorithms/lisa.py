@@ -11,31 +11,70 @@ the state is moved to CPU instead and restored on unfreeze.
 Usage in your own loop (the optimizer must hold *all* parameters, frozen or not)::
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    lisa = LISA(model, optimizer, blocks="transformer.h", gamma=2, interval=20, seed=0)
+    lisa = LISA(optimizer, comm, model=model, blocks="transformer.h", gamma=2, interval=20)
+    diloco = DiLoCo(optimizer, comm, sync_every=100)  # optional: any other algorithm, built after LISA
+    lisa.notify(diloco)                 # frozen blocks' outer state (φ, outer momentum) is freed too
     for batch in data:                  # unchanged loop: LISA rides on optimizer.step()
         loss(model, batch).backward()
         optimizer.step()                # post-hook: count the step, switch blocks every interval
         optimizer.zero_grad()
 
-With ``hook_optimizer=False`` nothing is hooked; call ``lisa.step()`` after each
-``optimizer.step()`` instead. Blocks switch in the step *post*-hook, so the gradients that an
-all-reduce (dtrain's DDP hook, registered after LISA) sees are always those of the blocks the
-backward pass used. All replicas draw the same blocks: the draw for switch k uses its own
-``torch.Generator`` seeded from (seed, k), never the global RNG, so pass the same seed on every
-rank. Resuming (``state_dict``/``load_state_dict``) continues the same sequence.
+With ``hook_optimizer=False`` nothing is hooked; call ``lisa.step_done()`` after each
+``optimizer.step()`` instead (``lisa.step`` is the step count). Blocks switch in the step
+*post*-hook, so the gradients that an all-reduce (dtrain's DDP hook, registered after LISA) sees
+are always those of the blocks the backward pass used. All replicas draw the same blocks: the
+draw for switch k uses its own ``torch.Generator`` seeded from (seed, k), never the global RNG,
+so pass the same seed on every rank. Resuming (``state_dict``/``load_state_dict``) continues the
+same sequence.
+
+Composition (`notify`): on every switch LISA calls ``outer.release(frozen)`` and
+``outer.restore(unfrozen)`` on each algorithm it was told about (`OptimizerHook` defines both as
+no-ops); DiLoCo and NoLoCo drop their outer state for released parameters. ``seed`` and
+``model`` are facts of the run (``dtrain train`` passes its run seed), not options of `Config`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from dtrain.algorithms.base import AttachContext, optimizer_params
+from dtrain.algorithms.base import Algorithm, AttachContext, Attached, OptimizerHook
+from dtrain.comm.base import Comm
+from dtrain.seeding import digest_seed
+
+
+@dataclass
+class Config:
+    name: str = "lisa"
+    blocks: str = "blocks"  # attribute path of the nn.ModuleList of middle blocks
+    gamma: int = 2  # blocks unfrozen at a time (LMFlow default)
+    interval: int = 20  # optimizer steps between draws (LMFlow default)
+    probabilities: list[float] | None = None  # None = uniform; else one per block, summing to 1
+    offload_state: bool = False  # keep a frozen block's optimizer state on CPU and restore it on unfreeze
+
+    def validate(self) -> None:
+        """One-line ValueError naming the lisa.* key (the model-dependent checks run at construction)."""
+        if self.gamma < 1:
+            raise ValueError(f"lisa.gamma must be >= 1, got {self.gamma}")
+        if self.interval < 1:
+            raise ValueError(f"lisa.interval must be >= 1, got {self.interval}")
+        if self.probabilities is None:
+            return
+        probs = [float(p) for p in self.probabilities]
+        if any(not math.isfinite(p) or p < 0 for p in probs):
+            raise ValueError(f"lisa.probabilities must be finite and >= 0, got {probs}")
+        if abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"lisa.probabilities must sum to 1, got {sum(probs):.6g}")
+        if sum(p > 0 for p in probs) < self.gamma:
+            raise ValueError(f"lisa.probabilities has fewer than lisa.gamma={self.gamma} non-zero entries; raise them or lower lisa.gamma")
+
+
+validate = Config.validate  # dtrain.config calls it on the lisa section
 
 
 def resolve_blocks(model: nn.Module, path: str) -> nn.ModuleList:
@@ -54,31 +93,19 @@ def resolve_blocks(model: nn.Module, path: str) -> nn.ModuleList:
     return obj
 
 
-def check_settings(n_blocks: int, *, blocks: str, gamma: int, interval: int, probabilities: Sequence[float] | None) -> None:
-    """Raise ValueError (one line, naming the lisa.* key) on settings that cannot work."""
+def check_blocks(n_blocks: int, cfg: Config) -> None:
+    """Raise ValueError (one line, naming the lisa.* key) where ``cfg`` does not fit the model's blocks."""
     if n_blocks < 1:
-        raise ValueError(f"lisa.blocks={blocks!r} is an empty ModuleList; point it at the model's blocks")
-    if gamma < 1 or gamma > n_blocks:
-        raise ValueError(f"lisa.gamma must be in [1, {n_blocks}] (the blocks in lisa.blocks={blocks!r}), got {gamma}")
-    if interval < 1:
-        raise ValueError(f"lisa.interval must be >= 1, got {interval}")
-    if probabilities is None:
-        return
-    probs = [float(p) for p in probabilities]
-    if len(probs) != n_blocks:
-        raise ValueError(f"lisa.probabilities has {len(probs)} entries but lisa.blocks={blocks!r} has {n_blocks} blocks")
-    if any(not math.isfinite(p) or p < 0 for p in probs):
-        raise ValueError(f"lisa.probabilities must be finite and >= 0, got {probs}")
-    if abs(sum(probs) - 1.0) > 1e-6:
-        raise ValueError(f"lisa.probabilities must sum to 1, got {sum(probs):.6g}")
-    if sum(p > 0 for p in probs) < gamma:
-        raise ValueError(f"lisa.probabilities has fewer than lisa.gamma={gamma} non-zero entries; raise them or lower lisa.gamma")
+        raise ValueError(f"lisa.blocks={cfg.blocks!r} is an empty ModuleList; point it at the model's blocks")
+    if cfg.gamma > n_blocks:
+        raise ValueError(f"lisa.gamma must be in [1, {n_blocks}] (the blocks in lisa.blocks={cfg.blocks!r}), got {cfg.gamma}")
+    if cfg.probabilities is not None and len(cfg.probabilities) != n_blocks:
+        raise ValueError(f"lisa.probabilities has {len(cfg.probabilities)} entries but lisa.blocks={cfg.blocks!r} has {n_blocks} blocks")
 
 
 def switch_seed(seed: int, switch: int) -> int:
     """A stable 63-bit seed for draw ``switch`` of run ``seed`` (same on every machine and Python)."""
-    digest = hashlib.blake2b(f"dtrain.lisa/{int(seed)}/{int(switch)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return digest_seed(f"dtrain.lisa/{int(seed)}/{int(switch)}".encode())
 
 
 def sample_blocks(n_blocks: int, gamma: int, *, seed: int, switch: int, probabilities: Sequence[float] | None = None) -> list[int]:
@@ -92,52 +119,68 @@ def sample_blocks(n_blocks: int, gamma: int, *, seed: int, switch: int, probabil
     return sorted(int(i) for i in chosen)
 
 
-class LISA:
-    """Freezes all but ``gamma`` sampled blocks, switching every ``interval`` optimizer steps.
+
+class LISA(Algorithm):
+    """``LISA(optimizer, comm, cfg=None, *, model, seed=0, **overrides)``: freezes all but ``gamma``
+    sampled blocks of ``model``, switching every ``interval`` optimizer steps.
 
     ``step`` counts ``optimizer.step()`` calls (skipped ones too, so replicas stay in lock-step);
-    ``history`` lists ``[step, blocks]`` for every switch, the first at construction.
+    ``history`` lists ``[step, blocks]`` for every switch, the first at construction. ``comm`` is
+    unused (the draw needs no communication) and may be None.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        blocks: str = "blocks",
-        gamma: int = 2,
-        interval: int = 20,
-        probabilities: Sequence[float] | None = None,
-        seed: int = 0,
-        offload_state: bool = False,
-        hook_optimizer: bool = True,
-    ) -> None:
-        self.block_list = resolve_blocks(model, blocks)
-        check_settings(len(self.block_list), blocks=blocks, gamma=gamma, interval=interval, probabilities=probabilities)
-        self.model, self.optimizer = model, optimizer
-        self.gamma, self.interval, self.seed = int(gamma), int(interval), int(seed)
-        self.probabilities = None if probabilities is None else [float(p) for p in probabilities]
-        self.offload_state = offload_state
-        self.step = 0
+    Config = Config
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Comm | None, cfg: Config | None = None, *,
+                 model: nn.Module, seed: int = 0, hook_optimizer: bool = True, **overrides: Any) -> None:
+        super().__init__(optimizer, comm, cfg, **overrides)  # type: ignore[arg-type]
+        if not hook_optimizer:  # wiring, not an option: the caller counts steps with step_done()
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+        self.block_list = resolve_blocks(model, self.cfg.blocks)
+        check_blocks(len(self.block_list), self.cfg)
+        self.model, self.seed = model, int(seed)
+        self.probabilities = None if self.cfg.probabilities is None else [float(p) for p in self.cfg.probabilities]
         self.history: list[list[Any]] = []
         self.active: list[int] = []
+        self.outers: list[OptimizerHook] = []
         # Only params the user left trainable take part; a param shared with the outside stays on.
         outside = {id(p) for p in model.parameters()} - {id(p) for b in self.block_list for p in b.parameters()}
         self._block_params = [
             [p for p in block.parameters() if p.requires_grad and id(p) not in outside] for block in self.block_list
         ]
-        self._index = {id(p): i for i, p in enumerate(optimizer_params(optimizer))}
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         missing = [i for i, ps in enumerate(self._block_params) if any(id(p) not in self._index for p in ps)]
         if missing:
             raise ValueError(
-                f"parameters of lisa.blocks={blocks!r} blocks {missing} are not in the optimizer; build the optimizer over "
-                "all of model.parameters() (a block frozen before the optimizer is built would never train)"
+                f"parameters of lisa.blocks={self.cfg.blocks!r} blocks {missing} are not in the optimizer; build the optimizer "
+                "over all of model.parameters() (a block frozen before the optimizer is built would never train)"
             )
         # Offloaded optimizer state of frozen params, by index in optimizer_params(optimizer).
         self._offloaded: dict[int, dict[str, Any]] = {}
         self._devices: dict[int, dict[str, str]] = {}
-        self._hooks = [optimizer.register_step_post_hook(lambda *_: self.step_done())] if hook_optimizer else []
         self._switch(0)
+
+    @property
+    def gamma(self) -> int:
+        return self.cfg.gamma
+
+    @property
+    def interval(self) -> int:
+        return self.cfg.interval
+
+    @classmethod
+    def attach(cls, cfg: Any, ctx: AttachContext) -> Attached:
+        """What `dtrain train` hooks (first, before the algorithm it composes with): the run's seed is used."""
+        return Attached(algorithm=cls(ctx.optimizer, ctx.comm, cfg, model=ctx.model, seed=ctx.seed))
+
+    def notify(self, outer: OptimizerHook) -> None:
+        """Tell ``outer`` of every freeze and unfreeze from now on; the blocks frozen now are released at once."""
+        self.outers.append(outer)
+        frozen = self.frozen_params()
+        if frozen:
+            outer.release(frozen)
 
     # -- switching --------------------------------------------------------------------------
 
@@ -146,10 +189,11 @@ class LISA:
         self.history.append([self.step, chosen])
         self._apply(chosen)
 
-    def _apply(self, active: list[int]) -> None:
+    def _apply(self, active: list[int], *, notify: bool = True) -> None:
         """Unfreeze exactly the blocks in ``active``; drop (or offload) grads and state of the rest."""
         self.active = list(active)
         on = {id(p) for i in active for p in self._block_params[i]}
+        frozen, unfrozen = [], []
         with torch.no_grad():
             for params in self._block_params:
                 for p in params:
@@ -157,14 +201,21 @@ class LISA:
                         if not p.requires_grad:
                             p.requires_grad_(True)
                             self._restore(p)
-                    else:
+                            unfrozen.append(p)
+                    elif p.requires_grad:
                         p.requires_grad_(False)
                         p.grad = None
                         self._evict(p)
+                        frozen.append(p)
+        for outer in self.outers if notify else ():
+            if unfrozen:
+                outer.restore(unfrozen)
+            if frozen:
+                outer.release(frozen)
 
     def _evict(self, p: torch.Tensor) -> None:
         state = self.optimizer.state.pop(p, None)
-        if not state or not self.offload_state:
+        if not state or not self.cfg.offload_state:
             return
         i = self._index[id(p)]
         self._devices[i] = {k: str(v.device) for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -180,8 +231,11 @@ class LISA:
             }
 
     def step_done(self) -> None:
-        """Count one optimizer step; every ``interval`` steps draw new blocks (the hook calls this)."""
-        self.step += 1
+        """Count one optimizer step and switch when due (the post-hook calls this; call it yourself
+        after each ``optimizer.step()`` when built with ``hook_optimizer=False``)."""
+        self._after()
+
+    def after_step(self) -> None:
         # An optimizer that creates state eagerly (even without a grad) gets it taken away again.
         for p in self.frozen_params():
             self.optimizer.state.pop(p, None)
@@ -210,18 +264,19 @@ class LISA:
     def state_dict(self) -> dict[str, Any]:
         """Step, active blocks, switch history and any offloaded state (CPU tensors; weights_only-safe)."""
         return {
-            "step": self.step, "seed": self.seed, "gamma": self.gamma, "interval": self.interval,
+            **super().state_dict(), "seed": self.seed, "gamma": self.gamma, "interval": self.interval,
             "active": list(self.active), "history": [[s, list(b)] for s, b in self.history],
             "offloaded": {i: dict(s) for i, s in self._offloaded.items()},
             "devices": {i: dict(d) for i, d in self._devices.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a saved run: call after ``optimizer.load_state_dict`` (the active blocks' state lives there)."""
+        """Continue a saved run: call after ``optimizer.load_state_dict`` (the active blocks' state lives
+        there). Composed algorithms restore their own outer state from their own state_dict."""
         for key in ("seed", "gamma", "interval"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(f"lisa.{key}={getattr(self, key)} differs from the checkpoint's {state[key]}; resume with the same lisa settings")
-        self.step = int(state["step"])
+        super().load_state_dict(state)
         self.history = [[int(s), [int(b) for b in blocks]] for s, blocks in state["history"]]
         self._offloaded = {int(i): dict(s) for i, s in state["offloaded"].items()}
         self._devices = {int(i): dict(d) for i, d in state["devices"].items()}
@@ -235,20 +290,12 @@ class LISA:
                 if id(p) not in on:
                     p.grad = None
                     self.optimizer.state.pop(p, None)
-        self._apply(active)
+        self._apply(active, notify=False)
 
     def remove(self) -> None:
         """Unhook and unfreeze every block (their optimizer state starts afresh)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        super().remove()
         self._apply(list(range(len(self.block_list))))
 
 
-def attach_lisa(cfg: Any, ctx: AttachContext) -> LISA:
-    """The training loop's entry point: ``cfg`` is `dtrain.config.LisaConfig`; the shared run seed is used."""
-    probabilities = None if cfg.probabilities is None else [float(p) for p in cfg.probabilities]
-    return LISA(
-        ctx.model, ctx.optimizer, blocks=str(cfg.blocks), gamma=int(cfg.gamma), interval=int(cfg.interval),
-        probabilities=probabilities, seed=ctx.seed, offload_state=bool(cfg.offload_state),
-    )
+attach = LISA.attach  # what `dtrain train` calls when algo lists lisa

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
+from dtrain.algorithms.base import Algorithm
 
 
 @dataclass
 class Config:
     name: str = "none"
 
+    def validate(self) -> None:
+        """Nothing to check: the algorithm has no options."""
 
-def attach(cfg: Config, ctx: AttachContext) -> Attached:
-    return Attached(algorithm=OptimizerHook(ctx.optimizer, ctx.comm))
+
+validate = Config.validate  # dtrain.config calls it on the algo section
+
+
+class LocalOnly(Algorithm):
+    """``LocalOnly(optimizer, comm)``: hooks the optimizer only to count steps; sends nothing."""
+
+    Config = Config
+
+
+attach = LocalOnly.attach  # what `dtrain train` calls for algo.name=none

@@ -19,15 +19,27 @@ Choices beyond the paper's code, each documented where it lives:
 - φ does not change between outer steps, so its exchange is started ``phi_lead_steps`` inner
   steps early (-1: right after the previous outer step) and overlaps compute; 0 sends φ with Δ;
 - optional bf16 / int8 (per-block scale) wire format, with the error it adds measured each round;
+- φ and δ are kept per dtype group of the parameters, in that dtype (float64 stays exact; a
+  bf16 parameter keeps bf16 φ, as under DiLoCo), and sent in it without compression; the comm
+  carries every dtype group of one message together;
+- optional robust aggregation (``robust``: trimmed mean or median over the group, which needs a
+  group of at least 3; ``robust_norm_bound`` c: a member's Δ_j, and its φ_j − φ_i, whose norm
+  exceeds c·‖Δ_i‖ are scaled down to it, which is what bounds a bad partner in a pair): see
+  `dtrain.algorithms.robust`; a member so clipped or set aside is named in ``report()["robust"]``;
 - a member that does not answer within ``timeout_s`` of this worker reaching the outer step, or
   sends bad data, is left out of this worker's means for the round (alone: a solo outer step).
   The late member still finds our message waiting and completes its round with it; a worker
   that stays slow thus keeps receiving the others' Δ and φ while its own stop reaching them, so
   ``timeout_s`` should sit above normal jitter and below the lag you refuse to wait for.
 
+``NoLoCo(optimizer, comm, cfg=None, *, seed=0, total_steps=None, **overrides)``: the options of
+`Config`, plus two facts of the run rather than options of the algorithm: ``seed``, the run seed
+the pairing is drawn from (every worker must pass the same), and ``total_steps``, so no φ is sent
+ahead for a round the run never reaches. `attach` passes both from the loop's context.
+
 In your own loop (`dtrain train` does the same; its end-of-run gather plays the barrier):
 
-    algo = NoLoCo(optimizer, comm, seed=0, sync_every=50, total_steps=steps)
+    algo = NoLoCo(optimizer, comm, sync_every=50, seed=run_seed, total_steps=steps)
     for step in range(steps): loss_fn(batch).backward(); optimizer.step(); optimizer.zero_grad()
     comm.barrier()  # before closing: lets a late partner finish its last exchange with us
 
@@ -47,14 +59,18 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
-from dtrain.algorithms.noloco_compress import MODES, DecodeError, decode, encode, wire_numel
+from dtrain.algorithms.base import Algorithm, AttachContext, Attached
+from dtrain.algorithms.noloco_layout import HeldLayout
+from dtrain.algorithms.noloco_compress import MODES, DecodeError, decode, encode
+from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype, degenerate
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
-from dtrain.workloads.base import generator
+from dtrain.comm.flat import flatten, group_by_dtype, split_like
+from dtrain.seeding import generator
 
 log = logging.getLogger(__name__)
 
 _PHI, _DELTA = 0, 1  # tag = 2 * round + kind keeps φ and Δ of a round (and rounds) apart
+DEFAULT_BLOCK = 64
 
 
 @dataclass
@@ -67,41 +83,56 @@ class Config:
     group_size: int = 2  # n; a worker left alone joins the previous group
     phi_lead_steps: int = -1  # start φ's exchange this many steps before the outer step; -1 = whole round, 0 = with Δ
     compression: str = "none"  # none | bf16 | int8 (per-block fp32 scale)
-    block_size: int = 64  # int8 elements per scale
+    block_size: int = DEFAULT_BLOCK  # int8 elements per scale (only with compression=int8)
     timeout_s: float = 60.0  # a member silent this long after we reach the outer step is skipped this round
     broadcast_init: bool = True  # start every worker from rank 0's weights (one setup collective)
+    robust: str = "none"  # none | trimmed_mean | median over the group (needs group_size >= 3)
+    robust_trim: float = DEFAULT_TRIM  # trimmed_mean: fraction dropped at each end
+    robust_norm_bound: float = 0.0  # 0 = off; else clip a member's Δ (and φ - own φ) to this multiple of own ‖Δ‖
+
+    def validate(self) -> None:
+        """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
+        if self.sync_every < 1:
+            raise ValueError(f"algo.sync_every must be >= 1, got {self.sync_every}")
+        if self.outer_lr <= 0:
+            raise ValueError(f"algo.outer_lr must be > 0, got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ValueError(f"algo.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.gamma is not None and self.gamma < 0:
+            raise ValueError(f"algo.gamma must be >= 0 (or null for outer_lr), got {self.gamma}")
+        if self.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2, got {self.group_size}")
+        if self.phi_lead_steps < -1:
+            raise ValueError(f"algo.phi_lead_steps must be >= -1 (-1 = whole round, 0 = send with Δ), got {self.phi_lead_steps}")
+        if self.compression not in MODES:
+            raise ValueError(f"algo.compression must be one of {list(MODES)}, got {self.compression!r}")
+        if self.block_size < 1:
+            raise ValueError(f"algo.block_size must be >= 1, got {self.block_size}")
+        if self.compression != "int8" and self.block_size != DEFAULT_BLOCK:
+            raise ValueError(f"algo.block_size={self.block_size} only applies to algo.compression=int8; set that or drop algo.block_size")
+        if self.timeout_s <= 0:
+            raise ValueError(f"algo.timeout_s must be > 0, got {self.timeout_s}")
+        check_options(self.robust, self.robust_trim, self.robust_norm_bound)
+        if self.robust != "none" and self.group_size == 2:
+            raise ValueError(f"algo.robust={self.robust} needs at least 3 members, and algo.group_size=2 makes pairs; "
+                             "use algo.robust_norm_bound (e.g. 2) with algo.robust=none, or raise algo.group_size")
+        why = degenerate(Options(self.robust, self.robust_trim, self.robust_norm_bound), self.group_size)
+        if why is not None:
+            raise ValueError(f"{why} (algo.group_size={self.group_size})")
+        alpha, gamma = self.outer_momentum, effective_gamma(self)
+        upper = math.sqrt(2 + alpha**2)
+        if self.group_size == 2 and not alpha < gamma < upper:
+            raise ValueError(
+                f"algo.gamma={gamma:g} is outside the stability range ({alpha:g}, {upper:.4g}) that group_size 2 "
+                "needs (outer_momentum < gamma < sqrt(2 + outer_momentum^2)); set algo.gamma inside it"
+            )
+
+
+validate = Config.validate  # dtrain.config calls it on the algo section
 
 
 def effective_gamma(cfg: Config) -> float:
     return float(cfg.outer_lr if cfg.gamma is None else cfg.gamma)
-
-
-def validate(cfg: Config) -> None:
-    if cfg.sync_every < 1:
-        raise ValueError(f"algo.sync_every must be >= 1, got {cfg.sync_every}")
-    if cfg.outer_lr <= 0:
-        raise ValueError(f"algo.outer_lr must be > 0, got {cfg.outer_lr}")
-    if not 0 <= cfg.outer_momentum < 1:
-        raise ValueError(f"algo.outer_momentum must be in [0, 1), got {cfg.outer_momentum}")
-    if cfg.gamma is not None and cfg.gamma < 0:
-        raise ValueError(f"algo.gamma must be >= 0 (or null for outer_lr), got {cfg.gamma}")
-    if cfg.group_size < 2:
-        raise ValueError(f"algo.group_size must be >= 2, got {cfg.group_size}")
-    if cfg.phi_lead_steps < -1:
-        raise ValueError(f"algo.phi_lead_steps must be >= -1 (-1 = whole round, 0 = send with Δ), got {cfg.phi_lead_steps}")
-    if cfg.compression not in MODES:
-        raise ValueError(f"algo.compression must be one of {list(MODES)}, got {cfg.compression!r}")
-    if cfg.block_size < 1:
-        raise ValueError(f"algo.block_size must be >= 1, got {cfg.block_size}")
-    if cfg.timeout_s <= 0:
-        raise ValueError(f"algo.timeout_s must be > 0, got {cfg.timeout_s}")
-    alpha, gamma = cfg.outer_momentum, effective_gamma(cfg)
-    upper = math.sqrt(2 + alpha**2)
-    if cfg.group_size == 2 and not alpha < gamma < upper:
-        raise ValueError(
-            f"algo.gamma={gamma:g} is outside the stability range ({alpha:g}, {upper:.4g}) that group_size 2 "
-            "needs (outer_momentum < gamma < sqrt(2 + outer_momentum^2)); set algo.gamma inside it"
-        )
 
 
 def groups_for_round(members: Sequence[int], round_: int, *, seed: int, group_size: int) -> list[list[int]]:
@@ -122,43 +153,26 @@ def groups_for_round(members: Sequence[int], round_: int, *, seed: int, group_si
     return [sorted(g) for g in groups]
 
 
-def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1).float() for p in params])
+Flats = list[torch.Tensor]  # one flat vector per dtype group of the parameters
 
 
-class NoLoCo(OptimizerHook):
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        comm: Comm,
-        *,
-        seed: int = 0,
-        sync_every: int = 50,
-        outer_lr: float = 0.7,
-        outer_momentum: float = 0.5,
-        gamma: float | None = None,
-        group_size: int = 2,
-        phi_lead_steps: int = -1,
-        compression: str = "none",
-        block_size: int = 64,
-        timeout_s: float = 60.0,
-        broadcast_init: bool = True,
-        total_steps: int | None = None,
-    ) -> None:
-        cfg = Config(sync_every=sync_every, outer_lr=outer_lr, outer_momentum=outer_momentum, gamma=gamma,
-                     group_size=group_size, phi_lead_steps=phi_lead_steps, compression=compression,
-                     block_size=block_size, timeout_s=timeout_s)
-        validate(cfg)
-        super().__init__(optimizer, comm)
-        self.seed, self.sync_every, self.group_size = seed, sync_every, group_size
+class NoLoCo(HeldLayout, Algorithm):
+    Config = Config
+
+    def __init__(self, optimizer: torch.optim.Optimizer, comm: Comm, cfg: Config | None = None, *, seed: int = 0,
+                 total_steps: int | None = None, **overrides: Any) -> None:
+        super().__init__(optimizer, comm, cfg, **overrides)
+        self.seed = seed
         self.total_steps = total_steps  # known: no φ is sent ahead for a round the run never reaches
-        self.beta, self.alpha, self.gamma = outer_lr, outer_momentum, effective_gamma(cfg)
-        self.phi_lead_steps, self.compression, self.block_size, self.timeout_s = phi_lead_steps, compression, block_size, timeout_s
-        if broadcast_init:
+        self.gamma = effective_gamma(self.cfg)
+        if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(self.params, src=0)
-        self.phi = _flat(self.params)  # φ_i, fp32 master copy of the slow weights
-        self.momentum = torch.zeros_like(self.phi)  # δ_i
+        self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
+        self.tracker = Tracker("noloco", self.robust)
+        self.dtype_groups = group_by_dtype(self.params)  # fixed: the optimizer's parameters
+        self.phi = self._flats(self.params)  # φ_i, per dtype group: the slow weights
+        self.momentum = [torch.zeros_like(f) for f in self.phi]  # δ_i
         self.outer_syncs = 0  # rounds done
         self.solo_rounds = 0  # rounds where no other member answered
         self.member_failures = 0  # (round, member) pairs skipped: timeout, bad data, transport error
@@ -169,146 +183,189 @@ class NoLoCo(OptimizerHook):
         self._phi_handles: dict[int, Handle] = {}
         self.group_log: list[tuple[int, list[int]]] = []  # (round, group incl. self), last 64 rounds, for checks
         self.abandoned_exchanges = 0  # waits given up on (the backend keeps their buffers for the late peer)
+        self.held = [True] * len(self.params)  # the parameters φ and δ cover (see `HeldLayout`)
+        self._changes: dict[int, bool] = {}  # param index -> held after the next outer step
+        self._settled = True  # no inner step and no φ sent since the last outer step: change now
+
+    @classmethod
+    def attach(cls, cfg: Any, ctx: AttachContext) -> Attached:
+        """The run seed (shared pairing) and run length come from the loop, not from ``algo.*``."""
+        return Attached(algorithm=cls(ctx.optimizer, ctx.comm, cfg, seed=ctx.seed, total_steps=ctx.total_steps))
+
+    def _flats(self, params: Sequence[torch.Tensor]) -> Flats:
+        return [flatten([params[i] for i in idx]) for idx in self.dtype_groups]
 
     # -- schedule --------------------------------------------------------------------------
     def before_step(self) -> None:
+        self._settled = False
         self._maybe_send_phi()
 
     def after_step(self) -> None:
-        if self.step % self.sync_every == 0:
-            self.sync(self.step // self.sync_every)
+        if self.step % self.cfg.sync_every == 0:
+            self.sync(self.step // self.cfg.sync_every)
         self._maybe_send_phi()
 
     def _lead(self) -> int:
-        return self.sync_every if self.phi_lead_steps == -1 else min(self.phi_lead_steps, self.sync_every)
+        h, lead = self.cfg.sync_every, self.cfg.phi_lead_steps
+        return h if lead == -1 else min(lead, h)
 
     def _maybe_send_phi(self) -> None:
         """Start φ's exchange for the coming round once inside its lead window (φ is final by then)."""
-        lead = self._lead()
-        round_ = self.step // self.sync_every + 1
-        if lead == 0 or self._phi_round == round_ or self.step < round_ * self.sync_every - lead:
+        lead, h = self._lead(), self.cfg.sync_every
+        round_ = self.step // h + 1
+        if lead == 0 or self._phi_round == round_ or self.step < round_ * h - lead:
             return
-        if self.total_steps is not None and round_ * self.sync_every > self.total_steps:
+        if self.total_steps is not None and round_ * h > self.total_steps:
             return
         self._start_phi(round_)
 
     def _start_phi(self, round_: int) -> None:
+        self._settled = False
         self._phi_round = round_
         self._phi_handles = self._post(self._group(round_), self._wire(self.phi, "phi"), 2 * round_ + _PHI)
 
     # -- one outer step --------------------------------------------------------------------
     def _group(self, round_: int) -> list[int]:
         rank = self.comm.rank
-        for g in groups_for_round(self.comm.peers(), round_, seed=self.seed, group_size=self.group_size):
+        for g in groups_for_round(self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size):
             if rank in g:
                 return [j for j in g if j != rank]
         return []
 
-    def _wire(self, flat: torch.Tensor, kind: str) -> torch.Tensor:
-        wire = encode(flat, self.compression, block=self.block_size)
-        if self.compression != "none":
-            back = decode(wire, flat.numel(), self.compression, block=self.block_size)
-            norm = float(flat.norm())
-            self.wire_error[kind] += float((back - flat).norm()) / norm if norm > 0 else 0.0
-        return wire
+    def _wire(self, flats: Flats, kind: str) -> list[torch.Tensor]:
+        """Each dtype group's vector as it goes on the wire; the error compression adds is measured."""
+        mode, block = self.cfg.compression, self.cfg.block_size
+        wires = [encode(f, mode, block=block) for f in flats]
+        if mode != "none":
+            errs = [float((decode(w, f.numel(), mode, block=block) - f).norm()) for w, f in zip(wires, flats)]
+            norm = math.hypot(*(float(f.norm()) for f in flats))
+            self.wire_error[kind] += math.hypot(*errs) / norm if norm > 0 else 0.0
+        return wires
 
-    def _post(self, others: list[int], wire: torch.Tensor, tag: int) -> dict[int, Handle]:
+    def _post(self, others: list[int], wires: list[torch.Tensor], tag: int) -> dict[int, Handle]:
         handles = {}
         for j in others:
             try:
-                handles[j] = self.comm.exchange([wire], j, tag=tag, timeout=self.timeout_s, async_op=True)
+                handles[j] = self.comm.exchange(wires, j, tag=tag, timeout=self.cfg.timeout_s, async_op=True)
             except CommError:
                 continue  # counted as a failed member when the round finds no handle for it
         return handles
 
-    def _receive(self, handle: Handle | None, deadline: float, sizes: list[int]) -> list[torch.Tensor]:
-        """Wait (until ``deadline``) for one member's message and decode its parts of ``sizes`` elements."""
+    def _receive(self, handle: Handle | None, deadline: float, like: list[Flats]) -> list[Flats]:
+        """Wait (until ``deadline``) for one member's message; decode it into vectors shaped like ``like``."""
         if handle is None:
             raise CommError("exchange could not be started")
         try:
-            (wire,) = handle.wait(timeout=max(deadline - time.monotonic(), 1e-3))
+            wires = handle.wait(timeout=max(deadline - time.monotonic(), 1e-3))
         except PeerTimeout:
             self.abandoned_exchanges += 1
             raise
-        parts, offset = [], 0
-        for n in sizes:
-            size = wire_numel(n, self.compression, self.block_size)
-            parts.append(decode(wire[offset : offset + size], n, self.compression, block=self.block_size))
-            offset += size
-        return parts
+        mode, block = self.cfg.compression, self.cfg.block_size
+        out, k = [], 0
+        for flats in like:
+            out.append([decode(wires[k + i], f.numel(), mode, block=block).to(f.dtype) for i, f in enumerate(flats)])
+            k += len(flats)
+        return out
 
     @torch.no_grad()
     def sync(self, round_: int) -> None:
         """Outer step ``round_``: meet the group, update δ and φ from the members that answered, θ ← φ."""
         params = self.params
-        delta = _flat(params) - self.phi
+        delta = [t - phi for t, phi in zip(self._flats(params), self.phi)]
         others = self._group(round_)
         self.group_log = [*self.group_log[-63:], (round_, sorted([self.comm.rank, *others]))]
-        numel = self.phi.numel()
         separate_phi = self._lead() > 0
         if separate_phi and self._phi_round != round_:  # e.g. a loop that runs past total_steps
             self._start_phi(round_)
         payload = self._wire(delta, "delta")
         if not separate_phi:
-            payload = torch.cat([payload, self._wire(self.phi, "phi")])
+            payload = [*payload, *self._wire(self.phi, "phi")]
         delta_handles = self._post(others, payload, 2 * round_ + _DELTA)
         phi_handles = self._phi_handles if separate_phi else {}
-        deadline = time.monotonic() + self.timeout_s
-        received: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        deadline = time.monotonic() + self.cfg.timeout_s
+        received: dict[int, tuple[Flats, Flats]] = {}
         for j in others:
             try:
                 if separate_phi:
                     t0 = time.perf_counter()
                     try:
-                        (phi_j,) = self._receive(phi_handles.get(j), deadline, [numel])
+                        (phi_j,) = self._receive(phi_handles.get(j), deadline, [self.phi])
                     finally:
                         self.phi_wait_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 try:
-                    got = self._receive(delta_handles.get(j), deadline, [numel] if separate_phi else [numel, numel])
+                    got = self._receive(delta_handles.get(j), deadline, [delta] if separate_phi else [delta, self.phi])
                 finally:
                     self.delta_wait_s += time.perf_counter() - t0
-                delta_j = got[0]
-                if not separate_phi:
-                    phi_j = got[1]
-                received[j] = (delta_j, phi_j)
+                received[j] = (got[0], phi_j if separate_phi else got[1])
             except (PeerTimeout, BadPeerData, DecodeError, CommError) as e:
                 self.member_failures += 1
                 log.warning("noloco outer step %d: rank %d left out of rank %d's means: %s", round_, j, self.comm.rank, e)
         self._phi_handles = {}
-        self._update(delta, received)
+        if self.robust.active:
+            self._robust_update(delta, received, round_)
+        else:
+            self._update(delta, received)
         self.outer_syncs += 1
         if not received and others:
             self.solo_rounds += 1
-        torch._foreach_copy_([p.detach() for p in params], self._unflat(self.phi, params))
+        for idx, phi in zip(self.dtype_groups, self.phi):
+            group = [params[i] for i in idx]
+            torch._foreach_copy_([p.detach() for p in group], split_like(phi, group))
+        self._settled = True
+        if self._changes:  # a round boundary: the next round's φ is not sent yet
+            self._apply_changes()
 
-    def _update(self, delta: torch.Tensor, received: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _update(self, delta: Flats, received: dict[int, tuple[Flats, Flats]]) -> None:
         # Sums in rank order, so every member that saw the same messages computes identical means.
         members = sorted([self.comm.rank, *received])
-        sum_delta, sum_phi = torch.zeros_like(delta), torch.zeros_like(self.phi)
-        for j in members:
-            d, p = (delta, self.phi) if j == self.comm.rank else received[j]
-            sum_delta.add_(d)
-            sum_phi.add_(p)
-        count = len(members)
-        self.momentum.mul_(self.alpha).add_(sum_delta.div_(count), alpha=self.beta)
-        self.momentum.sub_(self.phi - sum_phi.div_(count), alpha=self.gamma)
-        self.phi.add_(self.momentum)
+        alpha, beta, gamma = self.cfg.outer_momentum, self.cfg.outer_lr, self.gamma
+        for g, (phi, mom) in enumerate(zip(self.phi, self.momentum)):
+            sum_delta, sum_phi = torch.zeros_like(delta[g]), torch.zeros_like(phi)
+            for j in members:
+                d, p = (delta[g], phi) if j == self.comm.rank else (received[j][0][g], received[j][1][g])
+                sum_delta.add_(d)
+                sum_phi.add_(p)
+            count = len(members)
+            mom.mul_(alpha).add_(sum_delta.div_(count), alpha=beta)
+            mom.sub_(phi - sum_phi.div_(count), alpha=gamma)
+            phi.add_(mom)
 
-    @staticmethod
-    def _unflat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for p in params:
-            out.append(flat[offset : offset + p.numel()].view(p.shape).to(p.dtype))
-            offset += p.numel()
-        return out
+    def _robust_update(self, delta: Flats, received: dict[int, tuple[Flats, Flats]], round_: int) -> None:
+        """`_update` with robust means of Δ and of φ_j − φ_i over the group (own row included)."""
+        rank = self.comm.rank
+        members = sorted([rank, *received])
+        dtype = common_dtype(self.phi)  # the estimators work on one row per member: one dtype
+
+        def row(flats: Flats) -> torch.Tensor:
+            return flats[0].to(dtype) if len(flats) == 1 else torch.cat([f.to(dtype) for f in flats])
+
+        own_delta, own_phi = row(delta), row(self.phi)
+        rows_delta = torch.stack([own_delta if j == rank else row(received[j][0]) for j in members])
+        rows_phi = torch.stack([torch.zeros_like(own_phi) if j == rank else row(received[j][1]) - own_phi for j in members])
+        own = float(own_delta.norm())
+        mean_delta = aggregate(rows_delta, self.robust, reference=own)
+        pull = aggregate(rows_phi, self.robust, reference=own)  # robust mean(φ) − φ_i
+        where = f"outer step {round_}"
+        self.tracker.round(mean_delta, members, rank=rank, where=where)
+        for kind, rows in (("clipped", pull.clipped), ("outliers", pull.outliers)):
+            self.tracker.note(kind, [members[i] for i in rows if members[i] != rank], rank=rank, where=where)
+        offset = 0
+        for phi, mom in zip(self.phi, self.momentum):
+            cut = slice(offset, offset + phi.numel())
+            offset += phi.numel()
+            step_delta, step_pull = mean_delta.value[cut].to(phi.dtype), pull.value[cut].to(phi.dtype)
+            mom.mul_(self.cfg.outer_momentum).add_(step_delta, alpha=self.cfg.outer_lr).add_(step_pull, alpha=self.gamma)
+            phi.add_(mom)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "outer_syncs": self.outer_syncs, "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
-            "phi": self.phi.clone(), "momentum": self.momentum.clone(), "wire_error": dict(self.wire_error),
+            "phi": [f.clone() for f in self.phi], "momentum": [m.clone() for m in self.momentum],
+            "wire_error": dict(self.wire_error), "robust": self.tracker.state_dict(),
+            "held": list(self.held), "changes": {int(i): bool(h) for i, h in self._changes.items()}, "settled": self._settled,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -316,27 +373,32 @@ class NoLoCo(OptimizerHook):
         self.outer_syncs = int(state["outer_syncs"])
         self.solo_rounds = int(state["solo_rounds"])
         self.member_failures = int(state["member_failures"])
-        self.phi.copy_(state["phi"])
-        self.momentum.copy_(state["momentum"])
+        held = [bool(h) for h in state.get("held", [True] * len(self.held))]
+        if held != self.held:
+            self._relayout(held)  # the saved layout: its sizes, then its values below
+        self._changes = {int(i): bool(h) for i, h in state.get("changes", {}).items()}
+        self._settled = bool(state.get("settled", False))
+        for mine, saved in ((self.phi, state["phi"]), (self.momentum, state["momentum"])):
+            saved = [saved] if isinstance(saved, torch.Tensor) else saved  # a checkpoint from before dtype groups
+            if len(saved) != len(mine):
+                raise ValueError(f"NoLoCo checkpoint holds {len(saved)} dtype groups, this model has {len(mine)}; "
+                                 "resume with the model the checkpoint was written by")
+            for m, s in zip(mine, saved):
+                m.copy_(s)
         self.wire_error = {k: float(v) for k, v in state["wire_error"].items()}
+        self.tracker.load_state_dict(state.get("robust"))
         self._phi_round, self._phi_handles = -1, {}
 
     def report(self) -> dict[str, Any]:
         rounds = max(self.outer_syncs, 1)
         return {
+            **super().report(),
             "outer_syncs": self.outer_syncs, "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
             "phi_wait_s": self.phi_wait_s, "delta_wait_s": self.delta_wait_s, "abandoned_exchanges": self.abandoned_exchanges,
-            "compression": self.compression, "groups": [[r, g] for r, g in self.group_log],
+            "compression": self.cfg.compression, "groups": [[r, g] for r, g in self.group_log],
             "wire_rel_error_delta": self.wire_error["delta"] / rounds, "wire_rel_error_phi": self.wire_error["phi"] / rounds,
+            **({"robust": self.tracker.report()} if self.robust.active else {}),
         }
 
 
-def attach(cfg: Config, ctx: AttachContext) -> Attached:
-    validate(cfg)
-    algo = NoLoCo(
-        ctx.optimizer, ctx.comm, seed=ctx.seed, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
-        outer_momentum=cfg.outer_momentum, gamma=cfg.gamma, group_size=cfg.group_size,
-        phi_lead_steps=cfg.phi_lead_steps, compression=cfg.compression, block_size=cfg.block_size,
-        timeout_s=cfg.timeout_s, broadcast_init=cfg.broadcast_init, total_steps=ctx.total_steps,
-    )
-    return Attached(algorithm=algo)
+attach = NoLoCo.attach  # what `dtrain train` calls: NoLoCo(ctx.optimizer, ctx.comm, cfg.algo, seed=..., total_steps=...)

@@ -1,8 +1,9 @@
-"""Wire formats for NoLoCo's exchange: fp32 (exact), bf16, and int8 with one fp32 scale per block.
+"""Wire formats for NoLoCo's exchange: the vector's own dtype (exact), bf16, and int8 with one fp32
+scale per block. NoLoCo encodes each dtype group of the parameters on its own.
 
-`Comm.exchange` sends one dtype per call, so an int8 payload is a single int8 tensor: the
-quantized values followed by the per-block fp32 scales reinterpreted as bytes. Its size depends
-only on the element count, so both partners of an exchange agree on the shape without talking.
+An int8 payload is a single int8 tensor: the quantized values followed by the per-block fp32
+scales reinterpreted as bytes. Its size depends only on the element count, so both partners of
+an exchange agree on the shape without talking.
 
 int8 bytes per element: 1 + 4/block (block 64: 1.0625, i.e. 0.266x fp32).
 Rounding is to nearest (deterministic), so a resumed run reproduces the same messages.
@@ -20,7 +21,7 @@ class DecodeError(ValueError):
 
 
 def wire_numel(numel: int, mode: str, block: int) -> int:
-    """Elements of the wire tensor for a flat fp32 vector of ``numel`` elements."""
+    """Elements of the wire tensor for a flat vector of ``numel`` elements."""
     if mode == "int8":
         blocks = -(-numel // block)
         return blocks * block + 4 * blocks
@@ -29,8 +30,8 @@ def wire_numel(numel: int, mode: str, block: int) -> int:
 
 def encode(flat: torch.Tensor, mode: str, *, block: int = 64) -> torch.Tensor:
     """``flat`` (1-D float) as the tensor that goes on the wire."""
-    if mode == "none":
-        return flat.float()
+    if mode == "none":  # exact: the vector's own dtype (fp32, float64, bf16, ...)
+        return flat
     if mode == "bf16":
         return flat.to(torch.bfloat16)
     if mode != "int8":
@@ -47,8 +48,11 @@ def encode(flat: torch.Tensor, mode: str, *, block: int = 64) -> torch.Tensor:
 
 
 def decode(wire: torch.Tensor, numel: int, mode: str, *, block: int = 64) -> torch.Tensor:
-    """The fp32 vector a wire tensor stands for; raises DecodeError on a malformed payload."""
-    if mode in ("none", "bf16"):
+    """The vector a wire tensor stands for (``none``: the wire itself; else fp32); raises
+    DecodeError on a malformed payload."""
+    if mode == "none":
+        out = wire
+    elif mode == "bf16":
         out = wire.float()
     else:
         blocks = -(-numel // block)

@@ -9,19 +9,24 @@ replicas stay bit-identical without ever sending weights. Forwards run under tor
 nothing calls backward: no ``.grad`` is allocated. Memory is inference plus one z chunk.
 
 Usable from any loop: ``opt = SPSA(model.parameters(), comm, lr=1e-5); opt.step(closure)``
-with ``closure()`` returning the loss. `SPSA` is a torch Optimizer, so torch LR schedulers act
-on its ``param_groups``; ``lr_schedule(step) -> lr`` overrides them (the `dtrain train` loop
-passes its own schedule that way). Only parameters with ``requires_grad`` are perturbed at
+with ``closure()`` returning the loss. `SPSA` is a torch Optimizer: its lr lives in its own
+``param_groups``, so torch LR schedulers act on it directly (`dtrain train` builds its
+optim.schedule scheduler over it), and ``state_dict``/``load_state_dict`` are the standard ones
+(step counters and seed ride in them). Only parameters with ``requires_grad`` are perturbed at
 each step (LISA, LoRA-like subsets). Weight decay skips 1-D tensors (biases, norm gains).
+`Config` holds every option and its default; ``seed`` is a fact of the run (`dtrain train`
+passes its run seed), not an option.
 
 Replica agreement: every ``check_every`` steps (and whenever ``comm.peers()`` changes) workers
 all-gather an 8-byte hash of all weights and the step; on a mismatch every worker adopts the
 majority's weights and step by `Comm.broadcast` (counted as ``resyncs`` in `report()`).
-Joining: `state_dict(include_params=True)` / `load_state_dict` hands weights and step to a
-newcomer, or every worker calls `sync_from(src)` (a broadcast) when one arrives; `SPSA.join`
-makes a newcomer ask for that at its first step. With the torch backend the group is fixed:
-a worker that leaves means a restart from the last checkpoint with the new world size
-(replicas are identical, so every rank's checkpoint holds the same weights).
+Joining: weights are not optimizer state. `dtrain train` hands a newcomer the model's and this
+optimizer's state dicts through the comm's join path (`Comm.fetch_state`/`serve_state`); in your
+own loop load the model and ``state_dict()`` the same way, or let every worker call
+`sync_from(src)` (a broadcast) when one arrives; `SPSA.join` makes a newcomer ask for that at its
+first step. With the torch backend the group is fixed: a worker that leaves means a restart from
+the last checkpoint with the new world size (replicas are identical, so every rank's checkpoint
+holds the same weights).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 
 from dtrain.algorithms import spsa_noise as noise
 from dtrain.algorithms import spsa_quant as quant
-from dtrain.algorithms.base import AttachContext, Attached
+from dtrain.algorithms.base import AttachContext, Attached, make_config
 from dtrain.comm.base import Comm
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ DIGEST_BYTES = 8
 @dataclass
 class Config:
     name: str = "spsa"
+    lr: float = 1e-6  # dtrain train: optim.lr (its schedule acts on this optimizer's param_groups)
     eps: float = 1e-3  # perturbation scale ε (MeZO default)
     perturbations: int = 1  # K per worker per step: K bytes sent per step
     weight_decay: float = 0.0  # decoupled, matrices only (MeZO skips biases and norms)
@@ -54,20 +60,38 @@ class Config:
     quant_scale: float = quant.DEFAULT_SCALE
     exact_restore: bool = True  # grid-snapped perturbations: bit-exact restore, replicas identical
     check_every: int = 100  # replica hash check interval in steps; 0 = never
-    broadcast_init: bool = True  # rank 0's weights to everyone at attach
+    broadcast_init: bool = True  # rank 0's weights to everyone at construction
+    chunk_numel: int = noise.DEFAULT_CHUNK  # elements of z drawn at a time (the only memory SPSA adds)
+
+    def validate(self) -> None:
+        """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
+        if self.lr < 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr}")
+        if not self.eps > 0:
+            raise ValueError(f"algo.eps must be > 0, got {self.eps}")
+        if self.perturbations < 1:
+            raise ValueError(f"algo.perturbations must be >= 1, got {self.perturbations}")
+        if self.weight_decay < 0:
+            raise ValueError(f"algo.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.quant_scale > 0:
+            raise ValueError(f"algo.quant_scale must be > 0, got {self.quant_scale}")
+        if self.check_every < 0:
+            raise ValueError(f"algo.check_every must be >= 0 (0 disables), got {self.check_every}")
+        if self.chunk_numel < 1:
+            raise ValueError(f"algo.chunk_numel must be >= 1, got {self.chunk_numel}")
 
 
-def validate(cfg: Config) -> None:
-    if not cfg.eps > 0:
-        raise ValueError(f"algo.eps must be > 0, got {cfg.eps}")
-    if cfg.perturbations < 1:
-        raise ValueError(f"algo.perturbations must be >= 1, got {cfg.perturbations}")
-    if cfg.weight_decay < 0:
-        raise ValueError(f"algo.weight_decay must be >= 0, got {cfg.weight_decay}")
-    if not cfg.quant_scale > 0:
-        raise ValueError(f"algo.quant_scale must be > 0, got {cfg.quant_scale}")
-    if cfg.check_every < 0:
-        raise ValueError(f"algo.check_every must be >= 0 (0 disables), got {cfg.check_every}")
+validate = Config.validate  # dtrain.config calls it on the algo section
+
+# dtrain train: SPSA is the optimizer, so these optim.* keys would be ignored (refused when set).
+REPLACES = {"optim": {
+    "name": "SPSA is the optimizer", "preset": "SPSA is the optimizer", "betas": "SPSA is the optimizer",
+    "momentum": "SPSA is the optimizer", "eps": "SPSA is the optimizer (its perturbation scale is algo.eps)",
+    "kwargs": "SPSA is the optimizer", "weight_decay": "SPSA is the optimizer; set algo.weight_decay",
+    "grad_clip": "SPSA computes no gradients to clip",
+}}
+# dtrain train sets these Config fields from its own keys; they are not keys of the algo section.
+LOOP_SETS = {"lr": "optim.lr"}
 
 
 class SPSA(torch.optim.Optimizer):
@@ -77,52 +101,32 @@ class SPSA(torch.optim.Optimizer):
     ``check_every`` steps. Extra memory over inference: one ``chunk_numel`` z buffer per dtype.
     """
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        comm: Comm,
-        *,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        perturbations: int = 1,
-        seed: int = 0,
-        quantize: bool = True,
-        quant_scale: float = quant.DEFAULT_SCALE,
-        exact_restore: bool = True,
-        check_every: int = 100,
-        lr_schedule: Callable[[int], float] | None = None,
-        broadcast_init: bool = True,
-        chunk_numel: int = noise.DEFAULT_CHUNK,
-    ) -> None:
-        validate(Config(eps=eps, perturbations=perturbations, weight_decay=weight_decay, quant_scale=quant_scale,
-                        check_every=check_every))
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if chunk_numel < 1:
-            raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], comm: Comm, cfg: Config | None = None,
+                 *, seed: int = 0, **overrides: Any) -> None:
+        self.cfg = make_config(Config, cfg, overrides, owner="SPSA")
+        c = self.cfg
+        super().__init__(params, {"lr": c.lr, "weight_decay": c.weight_decay})
         self.comm = comm
-        self.eps = float(eps)
-        self.perturbations = perturbations
+        self.eps = float(c.eps)
+        self.perturbations = c.perturbations
         self.seed = int(seed)
-        self.quantized = quantize
-        self.quant_scale = float(quant_scale)
-        self.exact_restore = exact_restore
-        self.check_every = check_every
-        self.lr_schedule = lr_schedule
-        self.chunk_numel = chunk_numel
+        self.quantized = c.quantize
+        self.quant_scale = float(c.quant_scale)
+        self.exact_restore = c.exact_restore
+        self.check_every = c.check_every
+        self.chunk_numel = c.chunk_numel
         # Seeds use a parameter's position in this fixed list, so a subset (requires_grad) never shifts z.
-        self._params: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        # Groups by index: torch's load_state_dict replaces the param_groups dicts.
+        self._params: list[tuple[torch.Tensor, int]] = []
         seen: set[int] = set()
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if id(p) in seen:
                     continue
                 if not p.is_contiguous():
                     raise ValueError("SPSA needs contiguous parameters; call .data = p.data.contiguous() first")
                 seen.add(id(p))
-                self._params.append((p, group))
+                self._params.append((p, gi))
         self.steps_done = 0
         self.estimates_sent = 0
         self.skipped_estimates = 0
@@ -132,23 +136,23 @@ class SPSA(torch.optim.Optimizer):
         self.last_grads: list[float] = []
         self._joining = False
         self._peers = tuple(comm.peers())
-        if broadcast_init and comm.world_size > 1:
+        if c.broadcast_init and comm.world_size > 1:
             self.sync_from(0, count=False)
 
     @classmethod
-    def join(cls, params: Iterable[torch.Tensor], comm: Comm, **kwargs: Any) -> SPSA:
+    def join(cls, params: Iterable[torch.Tensor], comm: Comm, cfg: Config | None = None, *, seed: int = 0, **overrides: Any) -> SPSA:
         """A newcomer: its first step starts with a replica check that fetches the majority's state.
 
         The others run that check when they see ``comm.peers()`` change (elastic backends), so
         both sides enter the same collective. Never broadcasts its own (stale) weights at init.
         """
-        opt = cls(params, comm, **{**kwargs, "broadcast_init": False})
+        opt = cls(params, comm, cfg, seed=seed, **{**overrides, "broadcast_init": False})
         opt._joining = True
         return opt
 
     # -- the step ------------------------------------------------------------------
     def _active(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
-        return [(i, p, g) for i, (p, g) in enumerate(self._params) if p.requires_grad]
+        return [(i, p, self.param_groups[g]) for i, (p, g) in enumerate(self._params) if p.requires_grad]
 
     def _buffers(self, active: list[tuple[int, torch.Tensor, dict[str, Any]]]) -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
         """One z chunk buffer per (dtype, device): the only memory SPSA adds to inference."""
@@ -168,10 +172,6 @@ class SPSA(torch.optim.Optimizer):
             self._peers = peers
             self.check_replicas(joining=self._joining)
             self._joining = False
-        if self.lr_schedule is not None:
-            lr = float(self.lr_schedule(self.steps_done))
-            for group in self.param_groups:
-                group["lr"] = lr
         active = self._active()
         bufs = self._buffers(active)
         grids: dict[int, float | None] = {}
@@ -285,36 +285,21 @@ class SPSA(torch.optim.Optimizer):
             self.resyncs += 1
 
     # -- state ------------------------------------------------------------------------------
-    def state_dict(self, *, include_params: bool = False) -> dict[str, Any]:  # type: ignore[override]
-        """Step, counters and group options; with ``include_params`` also the weights (for a newcomer)."""
-        state: dict[str, Any] = {
-            "steps_done": self.steps_done, "seed": self.seed, "estimates_sent": self.estimates_sent,
-            "skipped_estimates": self.skipped_estimates, "hash_checks": self.hash_checks, "resyncs": self.resyncs,
-            "groups": [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in self.param_groups],
-        }
-        if include_params:
-            state["params"] = [p.detach().clone() for p, _ in self._params]
+    _COUNTERS = ("steps_done", "estimates_sent", "skipped_estimates", "hash_checks", "resyncs")
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict (param_groups with lr and weight_decay) plus SPSA's counters."""
+        state = super().state_dict()
+        state["spsa"] = {"seed": self.seed, **{k: getattr(self, k) for k in self._COUNTERS}}
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"SPSA state has seed {state['seed']} but this run uses seed {self.seed}; use the same seed")
-        if len(state["groups"]) != len(self.param_groups):
-            raise ValueError(f"SPSA state has {len(state['groups'])} param groups, this optimizer {len(self.param_groups)}")
-        self.steps_done = int(state["steps_done"])
-        for key in ("estimates_sent", "skipped_estimates", "hash_checks", "resyncs"):
-            setattr(self, key, int(state[key]))
-        for group, saved in zip(self.param_groups, state["groups"], strict=True):
-            group.update(saved)
-        if "params" in state:
-            saved = state["params"]
-            if len(saved) != len(self._params):
-                raise ValueError(f"SPSA state holds {len(saved)} parameters, this model {len(self._params)}")
-            with torch.no_grad():
-                for (p, _), value in zip(self._params, saved, strict=True):
-                    if value.shape != p.shape:
-                        raise ValueError(f"SPSA state parameter shape {tuple(value.shape)} != model's {tuple(p.shape)}")
-                    p.copy_(value)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["spsa"]
+        if int(saved["seed"]) != self.seed:
+            raise ValueError(f"SPSA state has seed {saved['seed']} but this run uses seed {self.seed}; use the same seed")
+        super().load_state_dict({k: v for k, v in state.items() if k != "spsa"})
+        for key in self._COUNTERS:
+            setattr(self, key, int(saved[key]))
 
     def report(self) -> dict[str, Any]:
         per_estimate = quant.bytes_per_estimate(quantized=self.quantized)
@@ -326,15 +311,14 @@ class SPSA(torch.optim.Optimizer):
         }
 
 
-def attach(cfg: Config, ctx: AttachContext) -> Attached:
-    """The loop's forward-only path. lr and its schedule come from the loop's optimizer (optim.lr,
-    optim.schedule), read from ``ctx.optimizer.param_groups[0]["lr"]`` at every step; that
-    optimizer never steps, so it holds no state. Weight decay is ``algo.weight_decay``."""
-    validate(cfg)
-    opt = SPSA(
-        list(ctx.model.parameters()), ctx.comm, lr=ctx.lr, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        perturbations=cfg.perturbations, seed=ctx.seed, quantize=cfg.quantize, quant_scale=cfg.quant_scale,
-        exact_restore=cfg.exact_restore, check_every=cfg.check_every, broadcast_init=cfg.broadcast_init,
-        lr_schedule=lambda _step: ctx.optimizer.param_groups[0]["lr"],
-    )
-    return Attached(algorithm=opt, forward_only=True)
+def make_optimizer(cfg: Any, model: torch.nn.Module, comm: Comm, *, lr: float | None, seed: int) -> SPSA:
+    """`dtrain train`'s optimizer under algo.name=spsa: SPSA itself over every model parameter, lr
+    from optim.lr (the loop's scheduler then drives it), the run's seed."""
+    return SPSA(list(model.parameters()), comm, cfg, seed=seed, **({} if lr is None else {"lr": lr}))
+
+
+def attach(cfg: Any, ctx: AttachContext) -> Attached:
+    """The loop's forward-only path: ``ctx.optimizer`` is the SPSA `make_optimizer` built."""
+    if not isinstance(ctx.optimizer, SPSA):
+        raise TypeError("algo.name=spsa attaches to the SPSA optimizer that spsa.make_optimizer builds")
+    return Attached(algorithm=ctx.optimizer, forward_only=True)

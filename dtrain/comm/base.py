@@ -13,7 +13,9 @@ from different backends compare):
   once to each of the N-1 others; broadcast counts the buffer N-1 times out of
   the source and once into every other worker.
 - ``messages``: point-to-point messages sent by this worker.
-- ``collectives``: all_reduce, broadcast, barrier and all_gather_bytes calls.
+- ``collectives``: all_reduce, broadcast, barrier and all_gather_bytes calls; an all_reduce or
+  broadcast of mixed dtypes runs (and counts) one collective per dtype group, each counted as
+  above on that group's bytes. exchange and all_gather move mixed dtypes in one message.
 - ``blocked_s``: seconds the caller spent waiting on communication (inside a
   blocking call or inside ``Handle.wait``).
 """
@@ -28,6 +30,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+# flatten and dtype grouping live in dtrain.comm.flat (flat_nbytes is re-exported for existing callers)
+from dtrain.comm.flat import flat_nbytes, group_by_dtype, pack, unpack
+from dtrain.comm.flat import flatten as _flatten
+from dtrain.comm.flat import unflatten_into as _unflatten_into
 
 REDUCE_OPS = ("mean", "sum", "min", "max")
 
@@ -68,6 +75,10 @@ class CommStats:
         a, b = asdict(self), asdict(other)
         return CommStats(**{k: a[k] - b[k] for k in a})
 
+    def __add__(self, other: CommStats) -> CommStats:
+        a, b = asdict(self), asdict(other)
+        return CommStats(**{k: a[k] + b[k] for k in a})
+
 
 class Handle:
     """Result of a non-blocking call. ``wait()`` blocks (time counted) and returns the result."""
@@ -87,10 +98,6 @@ class Handle:
                 self._stats.blocked_s += time.perf_counter() - start
             self._done = True
         return self._result
-
-
-def flat_nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
@@ -121,16 +128,36 @@ class Comm(ABC):
         """Live workers, sorted, self included. Elastic backends may change it between calls."""
         return list(range(self.world_size))
 
+    def peers_in_round(self, round_: int) -> list[int]:
+        """The workers of round ``round_`` of a schedule each worker computes alone (NoLoCo's pairing):
+        the same list on every worker of that round. Elastic backends fix it per round; others: peers()."""
+        return self.peers()
+
+    # -- joining a run under way (elastic backends; no-ops here) ----------------
+    def fetch_state(self) -> dict[str, Any] | None:
+        """A live peer's current run state if this worker joins a run under way, else None."""
+        return None
+
+    def serve_state(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """Call at every step boundary: answers workers waiting to join with ``provider()`` (the live
+        state, taken on the caller's thread); never calls it when none waits."""
+
+    def activate(self) -> None:
+        """This worker's state is loaded: from now on it takes part in the group's rounds."""
+
     # -- collectives ----------------------------------------------------------
     @abstractmethod
     def _all_reduce(self, flat: torch.Tensor, op: str) -> Callable[[float | None], None]:
         """Start an in-place reduction of ``flat``; return a finisher that blocks until done."""
 
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", *, async_op: bool = False) -> Handle | None:
-        """Reduce ``tensors`` in place across all workers (one fused buffer, one collective)."""
+        """Reduce ``tensors`` in place across all workers: one fused buffer and one collective per
+        dtype (mixed fp32/bf16 models reduce each dtype in its own precision, never cast)."""
         if op not in REDUCE_OPS:
             raise ValueError(f"all_reduce op must be one of {REDUCE_OPS}, got {op!r}")
-        tensors = _same_dtype(tensors)
+        return self._per_dtype(tensors, lambda group: self._start_all_reduce(group, op), async_op)
+
+    def _start_all_reduce(self, tensors: list[torch.Tensor], op: str) -> Callable[[float | None], None] | None:
         nbytes = flat_nbytes(tensors)
         self.stats.collectives += 1
         self.stats.payload_bytes += nbytes
@@ -139,7 +166,7 @@ class Comm(ABC):
         self.stats.bytes_recv += wire
         self.stats.messages += 2 * (self.world_size - 1)
         if self.world_size == 1 or not tensors:
-            return self._completed(async_op)
+            return None
         flat = _flatten(tensors)
         finish_reduce = self._timed(lambda: self._all_reduce(flat, op))
 
@@ -149,15 +176,17 @@ class Comm(ABC):
                 flat.div_(self.world_size)
             _unflatten_into(flat, tensors)
 
-        return self._run(finish, async_op)
+        return finish
 
     @abstractmethod
     def _broadcast(self, flat: torch.Tensor, src: int) -> Callable[[float | None], None]:
         """Start an in-place broadcast of ``flat`` from ``src``; return a blocking finisher."""
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int, *, async_op: bool = False) -> Handle | None:
-        """Overwrite ``tensors`` on every worker with ``src``'s values."""
-        tensors = _same_dtype(tensors)
+        """Overwrite ``tensors`` on every worker with ``src``'s values (one collective per dtype)."""
+        return self._per_dtype(tensors, lambda group: self._start_broadcast(group, src), async_op)
+
+    def _start_broadcast(self, tensors: list[torch.Tensor], src: int) -> Callable[[float | None], None] | None:
         nbytes = flat_nbytes(tensors)
         self.stats.collectives += 1
         others = self.world_size - 1
@@ -168,7 +197,7 @@ class Comm(ABC):
         else:
             self.stats.bytes_recv += nbytes
         if self.world_size == 1 or not tensors:
-            return self._completed(async_op)
+            return None
         flat = _flatten(tensors)
         finish_bcast = self._timed(lambda: self._broadcast(flat, src))
 
@@ -176,6 +205,22 @@ class Comm(ABC):
             finish_bcast(timeout)
             if self.rank != src:
                 _unflatten_into(flat, tensors)
+
+        return finish
+
+    def _per_dtype(
+        self, tensors: Sequence[torch.Tensor], start: Callable[[list[torch.Tensor]], Callable[[float | None], None] | None],
+        async_op: bool,
+    ) -> Handle | None:
+        """Start one collective per dtype group (in the same order on every worker), finish them all."""
+        tensors = list(tensors)
+        finishes = [f for f in (start([tensors[i] for i in idx]) for idx in group_by_dtype(tensors)) if f is not None]
+        if not finishes:
+            return self._completed(async_op)
+
+        def finish(timeout: float | None) -> None:
+            for f in finishes:
+                f(timeout)
 
         return self._run(finish, async_op)
 
@@ -205,6 +250,46 @@ class Comm(ABC):
         self.stats.bytes_recv += sum(len(p) for i, p in enumerate(out) if i != self.rank)
         return out
 
+    def all_gather(
+        self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False
+    ) -> list[list[torch.Tensor]]:
+        """Every worker's ``tensors`` (same shapes and dtypes on every worker), indexed by rank.
+
+        Sent as the raw bytes of one flat buffer (mixed dtypes: each dtype group's bytes in turn) over `all_gather_bytes` (counted there), so every
+        backend has it; never unpickled. Each received buffer is checked (length, then
+        `check_received`; ``finite=False`` lets non-finite values through). A bad one raises
+        BadPeerData naming the peer, or with ``skip_bad`` gets an empty entry, as a rank that took
+        no part does (an elastic backend's gone or dropped peer). Our own entry is a copy.
+        """
+        tensors = list(tensors)
+        if not tensors:
+            raise ValueError("all_gather needs at least one tensor")
+        flat = pack(tensors).contiguous()
+        nbytes = flat.numel() * flat.element_size()
+        blobs = self.all_gather_bytes(flat.cpu().view(torch.uint8).numpy().tobytes())
+        out: list[list[torch.Tensor]] = []
+        for peer, blob in enumerate(blobs):
+            if peer == self.rank:
+                out.append(unpack(flat, tensors))
+                continue
+            if not blob and nbytes:
+                out.append([])
+                continue
+            try:
+                if len(blob) != nbytes:
+                    raise BadPeerData(peer, f"{len(blob)} bytes, expected {nbytes}")
+                raw = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+                got = raw.view(flat.dtype).to(flat.device)
+                check_received(peer, got, flat, finite=finite)
+                parts = _unpack_checked(peer, got, tensors, finite=finite)
+            except BadPeerData:
+                if not skip_bad:
+                    raise
+                out.append([])
+                continue
+            out.append(parts)
+        return out
+
     # -- point to point -------------------------------------------------------
     @abstractmethod
     def _exchange(self, flat: torch.Tensor, peer: int, tag: int) -> Callable[[float | None], torch.Tensor]:
@@ -219,7 +304,8 @@ class Comm(ABC):
         timeout: float | None = None,
         async_op: bool = False,
     ) -> list[torch.Tensor] | Handle:
-        """Send mine to ``peer`` and receive the peer's tensors of the same shapes and dtypes.
+        """Send mine to ``peer`` and receive the peer's tensors of the same shapes and dtypes
+        (one message; mixed dtypes travel as each dtype group's raw bytes, exact).
 
         Both sides must call with the same ``tag`` (use a round number so a late message of an
         abandoned round never lands in a later one). Returns new tensors; the inputs are untouched.
@@ -228,23 +314,39 @@ class Comm(ABC):
         """
         if peer == self.rank:
             raise ValueError("exchange with oneself")
-        tensors = _same_dtype(tensors)
+        tensors = list(tensors)
         nbytes = flat_nbytes(tensors)
         self.stats.payload_bytes += nbytes
         self.stats.bytes_sent += nbytes
         self.stats.messages += 1
-        flat = _flatten(tensors)
+        flat = pack(tensors)
         finish_exchange = self._timed(lambda: self._exchange(flat, peer, tag))
 
         def finish(timeout_: float | None) -> list[torch.Tensor]:
             got = finish_exchange(timeout if timeout_ is None else timeout_)
             check_received(peer, got, flat)
+            parts = _unpack_checked(peer, got, tensors, finite=True)
             self.stats.bytes_recv += nbytes
-            return _split_like(got, tensors)
+            return parts
 
         if async_op:
             return Handle(self.stats, finish)
         return self._timed(lambda: finish(timeout))
+
+    # -- failures ---------------------------------------------------------------
+    def report_failure(self, message: str) -> None:
+        """Tell every other worker that this one is stopping, and why (one line).
+
+        Backends whose workers would otherwise wait for a failed peer until a transport timeout
+        publish it so that the others' ``watch_failures`` callbacks fire within seconds. After
+        this call ``close()`` does not wait for the others. Default: nothing to publish.
+        """
+
+    def watch_failures(self, on_failure: Callable[[str], None]) -> None:
+        """Call ``on_failure(reason)`` (from a background thread) when another worker reports one.
+
+        Default: nothing to watch (threads of one process learn of a failure from the group).
+        """
 
     # -- lifecycle --------------------------------------------------------------
     def close(self) -> None:
@@ -275,34 +377,11 @@ class Comm(ABC):
         return Handle(self.stats, lambda _t: None) if async_op else None
 
 
-def _same_dtype(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    tensors = list(tensors)
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        raise TypeError(f"tensors in one call must share a dtype, got {sorted(map(str, dtypes))}")
-    return tensors
-
-
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One contiguous buffer so a call is one transfer, not one per tensor."""
-    if len(tensors) == 1:
-        return tensors[0].detach().reshape(-1).clone()
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
-
-
-def _split_like(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(flat[offset : offset + n].view(t.shape))
-        offset += n
-    return out
+def _unpack_checked(peer: int, got: torch.Tensor, tensors: Sequence[torch.Tensor], *, finite: bool) -> list[torch.Tensor]:
+    """`unpack` of a received buffer; a packed (mixed-dtype) one is checked per tensor, since the
+    byte buffer itself says nothing about finiteness."""
+    parts = unpack(got, tensors)
+    if got.dtype == torch.uint8 and len(group_by_dtype(tensors)) > 1:
+        for piece, like in zip(parts, tensors):
+            check_received(peer, piece, like, finite=finite)
+    return parts

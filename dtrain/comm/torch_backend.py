@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,6 +60,9 @@ class TorchComm(Comm):
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self._failed = False
+        self._watching = threading.Event()
+        self._failures = _FailureBoard.from_env(timeout_s) if self._owns_group else None
 
     def _to_device(self, flat: torch.Tensor) -> torch.Tensor:
         return flat if flat.device == self.device else flat.to(self.device)
@@ -141,13 +145,39 @@ class TorchComm(Comm):
 
         return finish
 
+    def report_failure(self, message: str) -> None:
+        self._failed = True
+        if self._failures is not None:
+            self._failures.post(f"rank {self.rank} stopped: {message}")
+
+    def watch_failures(self, on_failure: Callable[[str], None]) -> None:
+        if self._failures is None or self._watching.is_set():
+            return
+        self._watching.set()
+        board = self._failures
+
+        def watch() -> None:
+            while self._watching.is_set():
+                reason = board.read()
+                if reason is not None and not self._failed:
+                    on_failure(reason)
+                    return
+                time.sleep(_FAILURE_POLL_S)
+
+        threading.Thread(target=watch, name="dtrain-failure-watch", daemon=True).start()
+
     def close(self) -> None:
+        self._watching.clear()
+        if self._failed and self._failures is not None:
+            # Linger for two polls so every peer reads our reason before torchrun, seeing this
+            # process exit, tears the others down without one.
+            time.sleep(2 * _FAILURE_POLL_S)
         if self._owns_group and dist.is_initialized():
             # Tear down together: a rank destroying gloo while a peer still talks to it can abort
             # at exit ("terminate called without an active exception"). Bounded, so a dead peer
-            # cannot hold the others here.
+            # cannot hold the others here; skipped when this rank failed (the others are leaving).
             try:
-                if self.backend == "gloo" and self.world_size > 1:
+                if self.backend == "gloo" and self.world_size > 1 and not self._failed:
                     dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
             except RuntimeError:
                 pass
@@ -166,6 +196,50 @@ def _attempt_store(timeout_s: float) -> dict:
                           is_master=not agent_store and rank == 0, timeout=datetime.timedelta(seconds=timeout_s))
     prefix = f"dtrain/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/"
     return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world}
+
+
+_FAILURE_POLL_S = 0.5
+
+
+class _FailureBoard:
+    """One key in torchrun's rendezvous store where a failing rank leaves its reason.
+
+    Keyed by restart attempt, so a reason from a previous attempt never stops the next one.
+    The store is a small TCP key-value server every rank already reaches, so this works across
+    nodes without a second network channel.
+    """
+
+    def __init__(self, store: dist.Store) -> None:
+        self._store = store
+        self._lock = threading.Lock()  # the store client is not shared across threads safely
+
+    @classmethod
+    def from_env(cls, timeout_s: float) -> _FailureBoard | None:
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            return None
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=min(timeout_s, 30.0)), wait_for_workers=False)
+        except (RuntimeError, ValueError):
+            return None  # no reachable store: peers learn of a failure from the transport instead
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return cls(dist.PrefixStore(f"dtrain/failure/attempt_{attempt}/", store))
+
+    def post(self, reason: str) -> None:
+        try:
+            with self._lock:
+                self._store.compare_set("reason", "", reason.encode())  # first reason wins
+        except RuntimeError:
+            pass
+
+    def read(self) -> str | None:
+        try:
+            with self._lock:
+                if not self._store.check(["reason"]):
+                    return None
+                return self._store.get("reason").decode(errors="replace")
+        except RuntimeError:
+            return None
 
 
 def _wait(work: dist.Work, timeout: float | None, what: str, *, peer_timeout: bool = False) -> None:

@@ -1,8 +1,14 @@
-"""`dtrain score`: run submissions x workloads x trials (or read finished runs) and score them.
+"""`dtrain score`: run submissions x workloads x studies x trials (or read finished runs) and score them.
 
-    dtrain score configs/submissions/ --trials 2 --out runs/score
-    dtrain score configs/submissions/nadamw.yaml configs/submissions/prodigy.yaml --workloads digits_cnn,ctr
+    dtrain score configs/submissions/ --out runs/score                     # AlgoPerf v0.6, external tuning
+    dtrain score configs/submissions/ --study configs/studies/laptop.yaml  # 3 studies x 2 trials
+    dtrain score configs/submissions/nadamw.yaml --workloads digits_cnn,ctr --studies 1 --trials 2
     dtrain score --runs runs/score            # score what is there, run nothing
+    dtrain score --runs runs/score --best-trial   # dtrain's old rule: the fastest trial overall
+
+The rules default to AlgoPerf v0.6 (dtrain.scoring.profiles): per workload the median over
+studies of each study's fastest trial, exact 4x rule, rho over the benchmark's fixed workload
+count (the study config's workloads, or --workloads).
 
 Re-running the same command resumes: trials with a summary.json are not run again.
 """
@@ -13,17 +19,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from dtrain.scoring.profiles import score_submissions
+from dtrain.scoring.profiles import RULESETS, score_submissions
 from dtrain.scoring.report import format_table, plot_profiles, to_json, write_json
-from dtrain.scoring.runner import DEFAULT_WORKLOADS, WORKLOAD_RUNS, collect_results, plan, run_study
+from dtrain.scoring.runner import WORKLOAD_RUNS, collect_results, plan, run_study, study_table
+from dtrain.scoring.study import ALGOPERF_V06, StudyConfig, load_study
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtrain score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("submissions", nargs="*", help="submission YAML files, or folders of them (default: none; see --runs)")
-    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated workload names")
-    p.add_argument("--trials", type=int, default=2, help="trials (seeds) per submission and workload")
+    p.add_argument("--study", default=None, help="study config YAML (default: AlgoPerf v0.6 external tuning, 3 studies x 5 trials)")
+    p.add_argument("--workloads", default=None, help="comma-separated workload names (default: the study config's)")
+    p.add_argument("--trials", type=int, default=None, help="trials per study (default: the study config's)")
+    p.add_argument("--studies", type=int, default=None, help="studies per submission and workload (default: the study config's)")
+    p.add_argument("--ruleset", choices=[r for r in RULESETS if r != "best_trial"], default=None,
+                   help="external or self tuning (default: the study config's)")
+    p.add_argument("--best-trial", action="store_true", help="score the fastest trial overall (dtrain's old rule), not v0.6")
     p.add_argument("--out", default="runs/score", help="study folder: one sub-folder per trial, scores.json, profiles.png")
     p.add_argument("--runs", default=None, help="score the summary.json files under this folder instead of running")
     p.add_argument("--jobs", type=int, default=1, help="trials run at once (each in its own process)")
@@ -63,13 +75,18 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"dtrain score: error: {e}", file=sys.stderr)
         return 2
-    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not subs and not args.runs:
         print("dtrain score: error: give submission YAML files (e.g. configs/submissions/) or --runs DIR", file=sys.stderr)
         return 2
-    if args.trials < 1 or args.jobs < 1 or args.threads < 1:
-        print("dtrain score: error: --trials, --jobs and --threads must be >= 1", file=sys.stderr)
+    if args.jobs < 1 or args.threads < 1:
+        print("dtrain score: error: --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
+    try:
+        study = _study(args)
+    except ValueError as e:
+        print(f"dtrain score: error: {e}", file=sys.stderr)
+        return 2
+    workloads = list(study.workloads)
     out = Path(args.out)
     if subs:
         from dtrain.config import WORKLOADS
@@ -78,9 +95,9 @@ def main(argv: list[str]) -> int:
         if unknown:
             print(f"dtrain score: error: unknown workload {unknown[0]!r}; choose from {sorted(WORKLOADS)}", file=sys.stderr)
             return 2
-        trials = plan(subs, workloads, trials=args.trials, root=out)
-        print(f"scoring {len(subs)} submissions x {len(workloads)} workloads x {args.trials} trials "
-              f"= {len(trials)} trials under {out}", flush=True)
+        trials = plan(subs, workloads, trials=study.trials, studies=study.studies, root=out)
+        print(f"scoring {len(subs)} submissions x {len(workloads)} workloads x {study.studies} studies x {study.trials} "
+              f"trials = {len(trials)} trials under {out} ({study.ruleset} ruleset)", flush=True)
         try:
             results = run_study(trials, threads=args.threads, jobs=args.jobs, in_process=args.in_process,
                                 timeout_s=args.timeout, run_overrides=args.sets,
@@ -96,16 +113,30 @@ def main(argv: list[str]) -> int:
             print(f"dtrain score: error: no summary.json under {out}", file=sys.stderr)
             return 2
         names = sorted({r.submission for r in results})
-        workloads = [w for w in dict.fromkeys(r.workload for r in results)]
-    table: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-    for r in results:
-        table.setdefault(r.submission, {}).setdefault(r.workload, []).append(r.time_s)
-    scores = score_submissions(table, workloads=workloads)
+        extra = sorted({r.workload for r in results} - set(workloads))
+        if extra:
+            print(f"note: ignoring workloads outside the study's set {workloads}: {', '.join(extra)} (see --workloads)")
+    table = study_table(results, ruleset=study.ruleset, names=names)
+    scores = score_submissions(table, workloads=workloads, ruleset=study.ruleset, max_ratio=study.max_ratio)
     print()
     print(format_table(scores, results))
     json_path = Path(args.json) if args.json else out / "scores.json"
     plot_path = Path(args.plot) if args.plot else out / "profiles.png"
-    write_json(json_path, to_json(scores, results, workload_runs={w: WORKLOAD_RUNS.get(w) for w in workloads}))
+    write_json(json_path, to_json(scores, results, study=study.as_dict(),
+                                  workload_runs={w: WORKLOAD_RUNS.get(w) for w in workloads}))
     plot_profiles(plot_path, scores)
     print(f"\nscores: {json_path}  profiles: {plot_path}")
     return 0
+
+
+def _study(args: argparse.Namespace) -> StudyConfig:
+    """The study config, with the command line's --ruleset/--studies/--trials/--workloads/--best-trial on top."""
+    base = load_study(args.study) if args.study else ALGOPERF_V06
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else None
+    ruleset = "best_trial" if args.best_trial else args.ruleset
+    if args.best_trial and args.ruleset:
+        raise ValueError("--best-trial replaces the ruleset; give one of --best-trial or --ruleset")
+    study = base.with_overrides(ruleset=ruleset, studies=args.studies, trials=args.trials, workloads=workloads)
+    if study.ruleset == "self" and study.trials != 1 and args.trials is None and not args.study:
+        study = study.with_overrides(trials=1)  # self-tuning has no tuning trials: one per study
+    return study

@@ -30,10 +30,11 @@ def workload_info(results: Sequence[TrialResult]) -> dict[str, dict[str, Any]]:
 
 
 def format_table(scores: Scores, results: Sequence[TrialResult] = (), *, unit: str = "s") -> str:
-    """Rows: submissions (best score first); columns: per-workload best time (ratio), then the score.
+    """Rows: submissions (best score first); columns: per-workload time (ratio), then the score.
 
-    A "miss" is a target never reached, reached after the budget, or reached later than 4x the
-    fastest submission.
+    The per-workload time is the ruleset's (v0.6: median over studies of each study's fastest
+    trial). A "miss" is a target never reached, reached after the budget, or reached later than 4x
+    the fastest submission.
     """
     wls = scores.workloads
     subs = sorted(scores.scores, key=lambda s: (-scores.scores[s], s))
@@ -52,6 +53,7 @@ def format_table(scores: Scores, results: Sequence[TrialResult] = (), *, unit: s
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.insert(len(subs) + 2, "  ".join("-" * w for w in widths))
+    lines.append(f"({scores.ruleset} ruleset; rho over {scores.n_workloads} workloads)")
     return "\n".join(lines)
 
 
@@ -80,14 +82,16 @@ def to_json(scores: Scores, results: Sequence[TrialResult] = (), **meta: Any) ->
     """Everything as JSON; ``null`` stands for a miss (infinite time or ratio)."""
     return {
         **meta,
+        "ruleset": scores.ruleset, "n_workloads": scores.n_workloads,
         "workloads": {w: {"fastest_s": _finite(scores.fastest[w]), **workload_info(results).get(w, {})} for w in scores.workloads},
         "submissions": {
             s: {
                 "score": scores.scores[s],
                 "per_workload": {
                     w: {
-                        "trial_times_s": [_finite(t) for t in scores.trial_times[s][w]],
-                        "best_s": _finite(scores.best[s][w]),
+                        "trial_times_s": [[_finite(t) for t in study] for study in scores.trial_times[s][w]],
+                        "study_best_s": [_finite(t) for t in scores.study_bests[s][w]],
+                        "per_workload_s": _finite(scores.per_workload[s][w]),
                         "time_s": _finite(scores.times[s][w]),
                         "ratio": _finite(scores.ratios[s][w]),
                     }

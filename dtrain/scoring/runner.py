@@ -1,7 +1,8 @@
 """Run (or find) the trials of a scoring study: submissions x workloads x trials, one out dir each.
 
-Layout under the study root: ``ROOT/<submission>/<workload>/trial-<k>/`` holding what
-`dtrain train` writes (``summary.json`` last) plus ``trial.json`` (who/what/budget) and
+Layout under the study root: ``ROOT/<submission>/<workload>/study-<j>/trial-<i>/`` (AlgoPerf's
+studies x trials; seed = j * trials + i) holding what `dtrain train` writes (``summary.json``
+last) plus ``trial.json`` (who/what/budget) and
 ``trial_config.yaml`` (the merged config that ran). A trial is finished when its summary.json
 exists, so an interrupted study resumes where it stopped; an unfinished trial's directory is
 cleared and the trial run again from the start.
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dtrain.scoring.profiles import trial_time
+from dtrain.scoring.profiles import budget_factor, trial_time
 
 # Per workload: the step budget (the schedule horizon of every submission), how often to evaluate
 # (time to target is measured at evaluations), the default warm-up (5% of the budget; a
@@ -57,6 +58,7 @@ class Trial:
     workload: str
     seed: int
     out_dir: str
+    study: int = 0
 
     @property
     def summary_path(self) -> Path:
@@ -81,24 +83,37 @@ class TrialResult:
     budget_s: float | None
     target: float | None = None
     error: str | None = None
+    study: int = 0
+    raw_time_s: float = math.inf  # time to target with no budget applied
+
+    def time_under(self, ruleset: str) -> float:
+        """Time to target under ``ruleset``'s budget (self-tuning trains 1.5x longer)."""
+        if self.budget_s is None:
+            return self.raw_time_s
+        return self.raw_time_s if self.raw_time_s <= self.budget_s * budget_factor(ruleset) else math.inf
 
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["time_s"] = self.time_s if math.isfinite(self.time_s) else None
+        for key in ("time_s", "raw_time_s"):
+            d[key] = d[key] if math.isfinite(d[key]) else None
         return d
 
 
 def plan(
-    submissions: Sequence[str | Path], workloads: Sequence[str], *, trials: int, root: str | Path
+    submissions: Sequence[str | Path], workloads: Sequence[str], *, trials: int, root: str | Path, studies: int = 1
 ) -> list[Trial]:
-    """Every (submission, workload, seed) in a fixed order: trial index outermost, so a partial
-    study already has one trial of everything."""
+    """Every (submission, workload, study, trial) in a fixed order: trial index outermost, then
+    study, so a partial run already has one trial of everything."""
+    if trials < 1 or studies < 1:
+        raise ValueError(f"trials and studies must be >= 1, got trials={trials}, studies={studies}")
     out = []
-    for seed in range(trials):
-        for sub in submissions:
-            name = Path(sub).stem
-            for wl in workloads:
-                out.append(Trial(name, str(sub), wl, seed, str(Path(root) / name / wl / f"trial-{seed}")))
+    for i in range(trials):
+        for j in range(studies):
+            for sub in submissions:
+                name = Path(sub).stem
+                for wl in workloads:
+                    out.append(Trial(name, str(sub), wl, j * trials + i,
+                                     str(Path(root) / name / wl / f"study-{j}" / f"trial-{i}"), study=j))
     return out
 
 
@@ -149,7 +164,7 @@ def run_trial(trial: Trial, *, threads: int = 1, in_process: bool = False, timeo
     config_path = write_trial_config(trial)
     overrides = trial_overrides(trial, threads=threads, run_overrides=run_overrides)
     meta = {"submission": trial.submission, "submission_path": trial.submission_path, "workload": trial.workload,
-            "seed": trial.seed, "overrides": overrides, "time_budget_s": None}
+            "study": trial.study, "seed": trial.seed, "overrides": overrides, "time_budget_s": None}
     error = None
     try:
         meta["time_budget_s"] = _budget(config_path, overrides)
@@ -161,7 +176,7 @@ def run_trial(trial: Trial, *, threads: int = 1, in_process: bool = False, timeo
     if error is not None and not trial.finished:
         _write_json(trial.summary_path, {"workload": trial.workload, "reached_target": False, "time_to_target_s": None,
                                          "error": error, "failed": True})
-    return read_result(trial.summary_path, submission=trial.submission, seed=trial.seed)
+    return read_result(trial.summary_path, submission=trial.submission, seed=trial.seed, study=trial.study)
 
 
 def _in_process(config_path: Path, overrides: list[str]) -> str | None:
@@ -206,7 +221,8 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def read_result(summary_path: Path, *, submission: str | None = None, seed: int | None = None) -> TrialResult:
+def read_result(summary_path: Path, *, submission: str | None = None, seed: int | None = None,
+                study: int | None = None) -> TrialResult:
     """A TrialResult from a summary.json (and the trial.json beside it, when there is one)."""
     summary = json.loads(summary_path.read_text())
     meta_path = summary_path.parent / "trial.json"
@@ -226,13 +242,21 @@ def read_result(summary_path: Path, *, submission: str | None = None, seed: int 
         budget_s=budget,
         target=ev.get("target"),
         error=summary.get("error"),
+        study=int(study if study is not None else meta.get("study", _study_from_path(summary_path))),
+        raw_time_s=trial_time(summary),
     )
+
+
+def _study_from_path(summary_path: Path) -> int:
+    name = summary_path.parent.parent.name
+    return int(name.split("-", 1)[1]) if name.startswith("study-") and name.split("-", 1)[1].isdigit() else 0
 
 
 def _guess_submission(summary_path: Path, summary: dict[str, Any]) -> str:
     parts = summary_path.parent.parts
-    if len(parts) >= 3:
-        return parts[-3]  # .../<submission>/<workload>/<trial>/summary.json
+    depth = 4 if summary_path.parent.parent.name.startswith("study-") else 3
+    if len(parts) >= depth:
+        return parts[-depth]  # .../<submission>/<workload>/[study-<j>/]<trial>/summary.json
     return f"{summary.get('algorithm', '?')}+{summary.get('optimizer', '?')}"
 
 
@@ -241,12 +265,21 @@ def collect_results(root: str | Path) -> list[TrialResult]:
     return [read_result(p) for p in sorted(Path(root).rglob("summary.json"))]
 
 
-def collect_trials(root: str | Path) -> dict[str, dict[str, list[float]]]:
-    """submission -> workload -> [time to target per trial] from the summary.json files under ``root``."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for r in collect_results(root):
-        out.setdefault(r.submission, {}).setdefault(r.workload, []).append(r.time_s)
-    return out
+def study_table(results: Sequence[TrialResult], *, ruleset: str = "external",
+                names: Sequence[str] = ()) -> dict[str, dict[str, list[list[float]]]]:
+    """submission -> workload -> studies (in study order) -> trial times under ``ruleset``'s budget.
+
+    ``names`` lists submissions to include even if none of their trials finished.
+    """
+    by_study: dict[str, dict[str, dict[int, list[float]]]] = {n: {} for n in names}
+    for r in results:
+        by_study.setdefault(r.submission, {}).setdefault(r.workload, {}).setdefault(r.study, []).append(r.time_under(ruleset))
+    return {s: {w: [st[j] for j in sorted(st)] for w, st in per_w.items()} for s, per_w in by_study.items()}
+
+
+def collect_trials(root: str | Path, *, ruleset: str = "external") -> dict[str, dict[str, list[list[float]]]]:
+    """submission -> workload -> studies -> [time to target per trial] from the summary.json files under ``root``."""
+    return study_table(collect_results(root), ruleset=ruleset)
 
 
 def run_study(
@@ -277,7 +310,7 @@ def run_study(
         if r.error:
             got += f" ({r.error[:80]})"
         value = f"{r.metric}={r.value:.4f}" if isinstance(r.value, (int, float)) else ""
-        echo(f"[{done_before + n}/{len(trials)}] {trial.submission} x {trial.workload} seed {trial.seed}: {got} {value}"
+        echo(f"[{done_before + n}/{len(trials)}] {trial.submission} x {trial.workload} study {trial.study} seed {trial.seed}: {got} {value}"
              f"  (elapsed {elapsed:.0f}s, eta {eta:.0f}s)")
 
     if jobs <= 1 or in_process:
@@ -286,4 +319,4 @@ def run_study(
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(one, todo))
-    return [read_result(t.summary_path, submission=t.submission, seed=t.seed) for t in trials if t.finished]
+    return [read_result(t.summary_path, submission=t.submission, seed=t.seed, study=t.study) for t in trials if t.finished]

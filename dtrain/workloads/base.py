@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
 
+from dtrain.seeding import generator, stream_seed  # re-exported: workloads and tests import them from here
 
-def stream_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any tuple (run seed, step, rank, ...); stable across processes and runs."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def generator(*parts: int | str) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(stream_seed(*parts))
-    return g
+__all__ = ["Workload", "generator", "stream_seed"]
 
 
 class Workload(ABC):
@@ -39,6 +31,7 @@ class Workload(ABC):
     def __init__(self, cfg: Any, *, seed: int) -> None:
         self.cfg = cfg
         self.seed = seed
+        self.notes: list[str] = []  # what the run should be warned of (e.g. data that is not text)
         # A workload's config may set its target and budget (e.g. for a scaled-down model).
         if getattr(cfg, "target", None) is not None:
             self.target = float(cfg.target)
@@ -60,6 +53,12 @@ class Workload(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation results; must contain ``self.metric`` (and ``val_loss`` where it makes sense)."""
+
+    def note(self, message: str) -> None:
+        """Record a warning for whoever runs this workload (`dtrain train` prints it and lists it in
+        summary.json) and log it for library users."""
+        self.notes.append(message)
+        logging.getLogger(type(self).__module__).warning(message)
 
     def reached(self, value: float) -> bool:
         return value >= self.target if self.higher_is_better else value <= self.target

@@ -119,13 +119,23 @@ class CharLM(Workload):
 
     def __init__(self, cfg: Config, *, seed: int) -> None:
         super().__init__(cfg, seed=seed)
-        text = Path(cfg.data_path).read_text(encoding="utf-8", errors="replace") if cfg.data_path else default_corpus()
+        text = self._read_text(cfg.data_path) if cfg.data_path else default_corpus()
         train, val = split_text(text, cfg.val_fraction)
         need = cfg.seq_len + 2
         if len(train) < need or len(val) < need:
             raise ValueError(f"workload.data_path text is too short: need more than {need} bytes in both train and validation splits")
         self.train_data = torch.frombuffer(bytearray(train), dtype=torch.uint8)
         self.val_data = torch.frombuffer(bytearray(val), dtype=torch.uint8)
+
+    def _read_text(self, path: str) -> str:
+        """The file as UTF-8 text; a file that is not text trains all the same, with a warning."""
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") + text.count("\x00")
+        if bad > 0.01 * len(text):
+            self.note(f"workload.data_path={path} does not look like UTF-8 text ({bad / len(text):.0%} of its characters "
+                      "are undecodable or NUL); the model learns those bytes: point it at a text file")
+        return text
 
     def build_model(self) -> nn.Module:
         c = self.cfg

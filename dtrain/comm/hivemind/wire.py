@@ -25,6 +25,15 @@ class WireError(ValueError):
     """A frame or tensor that does not parse or validate."""
 
 
+class NodeError(RuntimeError):
+    """The transport failed (peer unreachable, stream broken, daemon gone) or, with ``timed_out``, the
+    peer did not answer in time."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
 def pack(header: dict[str, Any], body: bytes | memoryview = b"") -> bytes:
     head = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
     return len(head).to_bytes(4, "big") + head + bytes(body)

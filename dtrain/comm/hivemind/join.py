@@ -1,33 +1,25 @@
-"""Joining a hivemind run that is under way: fetch a live peer's state, resume from it.
+"""Joining a hivemind run under way: the state a live peer sends, and the requests it holds.
 
-A peer that connects while the run's DHT record shows collectives already done is *joining*
-(`HivemindComm.joining`). Started with ``resume=true`` (the launcher's ``join`` does that), its
-`connect` asks the live peers, smallest rank first, for their newest checkpoint; the answer is
-a JSON skeleton plus raw tensor bytes (`encode_state` / `decode_state`: nothing is unpickled,
-every tensor's dtype and size are checked). The joiner writes it as its own checkpoint, so the
-training loop's ordinary ``resume`` path loads model, optimizer, schedule, algorithm state and
-the step counter. The joiner's collectives stay local until that resume agreement (an
-all_reduce(min) of the checkpoint step, the loop's last setup collective); from its next
-collective on it takes part in the group's rounds (it adopts the leader's round number).
+A peer that connects while the run is under way (a live record shows collectives done or a
+serving loop) is *joining*. `HivemindComm.fetch_state` asks the live peers, smallest rank first,
+for their state; the peer asked holds the request (`StateRequests`) until the joiner is admitted
+(see `membership`) and its training loop reaches a step boundary, where `serve_state` snapshots
+the loop's live state through the provider the loop registered and answers. The answer is a JSON
+skeleton plus raw tensor bytes (`encode_state` / `decode_state`): nothing is unpickled, every
+tensor's dtype and size are checked. No checkpoint is read or written here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from dtrain import checkpoint
-from dtrain.comm.base import CommError
-from dtrain.comm.hivemind_wire import DTYPE_NAMES, DTYPES, WireError, pack, tensor_bytes, unpack
+from dtrain.comm.hivemind.wire import DTYPE_NAMES, DTYPES, WireError, pack, tensor_bytes
 
-if TYPE_CHECKING:
-    from dtrain.comm.hivemind import HivemindComm
-
-log = logging.getLogger(__name__)
 MAX_DEPTH = 64
 
 
@@ -113,50 +105,28 @@ def decode_state(data: bytes) -> Any:
     return dec(skeleton, 0)
 
 
-def serve_state(comm: HivemindComm, header: dict) -> bytes:
-    """Answer a joiner: this peer's newest readable checkpoint, or an error frame."""
-    state_dir = comm.cfg.state_dir
-    for step in reversed(checkpoint.steps_available(state_dir, comm.rank)):
+
+class StateRequests:
+    """Joiners' state requests, each an RPC held open on the node's loop until it is answered."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: dict[str, asyncio.Future] = {}
+
+    async def wait(self, peer_id: str, timeout: float) -> bytes:
+        """Runs on the node's loop: the answer for ``peer_id``, or an error frame after ``timeout``."""
+        fut = self.loop.create_future()
+        self.waiting[peer_id] = fut
         try:
-            state = checkpoint.load(state_dir, comm.rank, step)
-            return pack({"ok": True, "step": step, "rank": comm.rank}, encode_state(state))
-        except (checkpoint.CheckpointError, TypeError) as e:
-            log.warning("hivemind: cannot serve checkpoint step %d: %s", step, e)
-    return pack({"ok": False, "error": f"no checkpoint in {state_dir}"})
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return pack({"ok": False, "error": f"not admitted within {timeout:.0f}s"})
+        finally:
+            if self.waiting.get(peer_id) is fut:
+                del self.waiting[peer_id]
 
-
-def fetch_state(comm: HivemindComm) -> tuple[int, dict[str, Any]]:
-    """The newest checkpoint of a live peer (smallest rank that has one): (step, state)."""
-    comm.refresh()
-    errors = []
-    for rank, pid in sorted(comm.members.items()):
-        if pid == comm.peer_id:
-            continue
-        try:
-            reply = comm.node.run(comm.node.call(pid, pack({"op": "state", "src": comm.rank}), comm.cfg.matchmaking_time * 4))
-            header, body = unpack(reply)
-            if not header.get("ok"):
-                errors.append(f"rank {rank}: {header.get('error')}")
-                continue
-            state = decode_state(body)
-            if not isinstance(state, dict) or not isinstance(header.get("step"), int) or "model" not in state:
-                raise WireError("not a training state")
-            return header["step"], state
-        except Exception as e:  # noqa: BLE001 - try the next peer
-            errors.append(f"rank {rank}: {e}")
-    raise CommError(f"joining run {comm.cfg.run_id!r}: no live peer could send its state ({'; '.join(errors) or 'no peers'}); "
-                    "wait for the run's first checkpoint (ckpt_every) or start a new run_id")
-
-
-def join(comm: HivemindComm, *, out_dir: str, resume: bool) -> int:
-    """Make a joining peer resumable from a live peer's state; returns the step it starts at."""
-    if not resume:
-        raise CommError(f"run {comm.cfg.run_id!r} is under way: join it with resume=true (or pick another comm.run_id)")
-    step, state = fetch_state(comm)
-    run_state = state.get("run")
-    if isinstance(run_state, dict) and isinstance(run_state.get("comm"), dict):
-        run_state["comm"] = {k: 0 for k in run_state["comm"]}  # this peer's traffic starts now
-    checkpoint.save(out_dir, comm.rank, step, state)
-    comm.activate_after_resume(step)
-    log.warning("hivemind: rank %d joins run %r at step %d", comm.rank, comm.cfg.run_id, step)
-    return step
+    def answer(self, peer_id: str, frame: bytes) -> None:
+        """From any thread: complete ``peer_id``'s request with ``frame``."""
+        fut = self.waiting.get(peer_id)
+        if fut is not None:
+            self.loop.call_soon_threadsafe(lambda: None if fut.done() else fut.set_result(frame))

@@ -3,8 +3,10 @@
 `Node` owns an asyncio loop on a background thread. It starts a p2pd daemon (`hivemind.P2P`)
 from this process, a `hivemind.DHT` that rides on the same daemon, and a one-shot stream
 handler: a caller opens a stream, writes one frame, reads one frame back (`call`). Frames are
-length-prefixed raw bytes (see `hivemind_wire`); hivemind's protobuf and pickle paths are never
-used for our data.
+length-prefixed raw bytes (see `wire`); hivemind's protobuf and pickle paths are never
+used for our data. With a run key (`auth.RunKey`) every frame both ways is sealed and every
+membership record signed; a frame or record that does not verify is dropped (logged once per
+peer, counted in ``rejected``) before anything parses it.
 
 No orphaned daemons: a watchdog ``sh`` whose stdin is a pipe from this process kills p2pd and
 the DHT process as soon as the pipe closes, which the kernel does however this process ends
@@ -26,6 +28,11 @@ from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
+from dtrain.comm.hivemind.auth import AuthError, ReplayGuard, RunKey
+from dtrain.comm.hivemind.wire import NodeError, pack
+
+__all__ = ["Node", "NodeError"]
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
@@ -34,21 +41,15 @@ Handler = Callable[[str, bytes], Awaitable[bytes]]
 REPLY_LINGER_S = 5.0  # how long a handler waits for the caller to close after replying
 
 
-class NodeError(RuntimeError):
-    """The transport failed (peer unreachable, stream broken, daemon gone) or, with ``timed_out``, the
-    peer did not answer in time."""
-
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-
-
 class Node:
     def __init__(
         self, *, run_id: str, initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str],
-        handler: Handler, startup_timeout: float = 30.0,
+        handler: Handler, auth: RunKey | None = None, startup_timeout: float = 30.0,
     ) -> None:
         self.run_id = run_id
+        self.auth = auth
+        self.replays = ReplayGuard()
+        self.rejected: dict[str, int] = {}  # peer id -> messages and records dropped: not authenticated
         self.handle_name = f"dtrain.{run_id}.rpc"
         self._handler = handler
         self._closed = False
@@ -65,13 +66,13 @@ class Node:
                 initial_peers=initial_peers or None, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs or None,
                 startup_timeout=startup_timeout,
             ), timeout=startup_timeout + 5)
+            self.peer_id = self.p2p.peer_id.to_base58()
             self.dht = DHT(initial_peers=initial_peers or None, p2p=self.p2p, start=True, await_ready=True)
             self._start_watchdog()
             self.run(self.p2p.add_binary_stream_handler(self.handle_name, self._on_stream), timeout=startup_timeout)
         except BaseException:
             self.close()
             raise
-        self.peer_id = self.p2p.peer_id.to_base58()
 
     # -- plumbing -----------------------------------------------------------------
     def run(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
@@ -92,10 +93,30 @@ class Node:
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
     # -- RPC ------------------------------------------------------------------------
+    def reject(self, peer_id: str, reason: str) -> None:
+        """Count a message or record from ``peer_id`` that failed authentication; log the first one."""
+        if peer_id not in self.rejected:
+            log.warning("hivemind: ignoring peer %s..: %s; a peer needs this run's comm.run_key_file/run_key_env "
+                        "to take part", peer_id[:16], reason)
+        self.rejected[peer_id] = self.rejected.get(peer_id, 0) + 1
+
     async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             frame = await P2P.receive_raw_data(reader)
-            reply = await self._handler(info.peer_id.to_base58(), frame)
+            sender = info.peer_id.to_base58()
+            if self.auth is None:
+                reply = await self._handler(sender, frame)
+            else:
+                try:
+                    opened = self.auth.open(frame, sender=sender, receiver=self.peer_id)
+                    self.replays.check(sender, opened.seq)
+                except AuthError as e:
+                    self.reject(sender, str(e))
+                    reply = pack({"ok": False, "error": "not authenticated: this run needs its run key"})
+                else:
+                    answer = await self._handler(sender, opened.frame)
+                    reply = self.auth.seal(answer, sender=self.peer_id, receiver=sender, seq=self.auth.next_seq(),
+                                           reply_to=opened.seq)
             await P2P.send_raw_data(reply, writer)
             # Close only after the caller has read the reply and closed its end: closing first can
             # let the daemon reset the stream with the reply still in flight (the caller then sees
@@ -114,8 +135,20 @@ class Node:
         assert self.p2p is not None
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self.handle_name)
         try:
-            await P2P.send_raw_data(frame, writer)
-            return await P2P.receive_raw_data(reader)
+            if self.auth is None:
+                await P2P.send_raw_data(frame, writer)
+                return await P2P.receive_raw_data(reader)
+            seq = self.auth.next_seq()
+            await P2P.send_raw_data(self.auth.seal(frame, sender=self.peer_id, receiver=peer_id, seq=seq), writer)
+            reply = await P2P.receive_raw_data(reader)
+            try:
+                opened = self.auth.open(reply, sender=peer_id, receiver=self.peer_id)
+            except AuthError as e:
+                self.reject(peer_id, f"reply: {e}")
+                raise NodeError(f"{peer_id[:12]}.. answered without this run's key") from None
+            if opened.reply_to != seq:
+                raise NodeError(f"{peer_id[:12]}.. sent a reply to another request")
+            return opened.frame
         finally:
             writer.close()
 
@@ -125,6 +158,8 @@ class Node:
             return await asyncio.wait_for(self._call(peer_id, frame), timeout)
         except asyncio.TimeoutError:
             raise NodeError(f"no reply from {peer_id[:12]}.. within {timeout:.1f}s", timed_out=True) from None
+        except NodeError:
+            raise
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             raise NodeError(f"stream to {peer_id[:12]}.. broke: {type(e).__name__}") from None
         except Exception as e:  # noqa: BLE001 - the daemon bindings raise their own types
@@ -135,12 +170,15 @@ class Node:
         return f"dtrain/{self.run_id}/members"
 
     def publish(self, record: dict[str, Any], ttl: float) -> None:
-        """Store this peer's membership record (JSON bytes, never pickled) until now + ttl."""
+        """Store this peer's membership record (JSON bytes, never pickled; signed with a run key) until now + ttl."""
         if self.dht is None or self._closed:
             return
+        until = get_dht_time() + ttl
+        if self.auth is not None:
+            record = self.auth.sign_record(self.peer_id, record, until)
         blob = json.dumps(record, separators=(",", ":")).encode()
         with self._dht_lock:
-            self.dht.store(self.members_key(), blob, get_dht_time() + ttl, subkey=self.peer_id)
+            self.dht.store(self.members_key(), blob, until, subkey=self.peer_id)
 
     def records(self) -> dict[str, dict[str, Any]]:
         """peer id -> record, for every unexpired record under this run id (garbage skipped).
@@ -156,6 +194,12 @@ class Node:
             found = self.dht.get(self.members_key(), latest=True)
             now = get_dht_time()
             for pid, (rec, until) in _decode_records(found, now).items():
+                if self.auth is not None:
+                    try:
+                        rec = self.auth.verify_record(pid, rec, until)
+                    except AuthError as e:
+                        self.reject(pid, str(e))
+                        continue
                 if pid not in self._seen or until >= self._seen[pid][1]:
                     self._seen[pid] = (rec, until)
             self._seen = {pid: (rec, until) for pid, (rec, until) in self._seen.items() if until >= now}

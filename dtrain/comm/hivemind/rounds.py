@@ -10,15 +10,12 @@ import asyncio
 import concurrent.futures
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dtrain.comm.base import CommError
-from dtrain.comm.hivemind_wire import WireError, decode_tensor, pack, pack_list, tensor_bytes, unpack
-
-if TYPE_CHECKING:
-    from dtrain.comm.hivemind import HivemindComm
+from dtrain.comm.hivemind.wire import NodeError, WireError, decode_tensor, pack, pack_list, tensor_bytes, unpack
 
 KEEP_CLOSED = 16  # finished rounds kept to answer late contributors
 MAX_MAIL = 512  # exchange messages held for rounds this peer has not reached yet
@@ -38,7 +35,7 @@ class _Round:
 
 
 class Rounds:
-    def __init__(self, comm: HivemindComm) -> None:
+    def __init__(self, comm: Any) -> None:  # the HivemindComm that owns these rounds (not imported: no cycle)
         self.comm = comm
         self.next_round = 0
         self.adopt_next = False
@@ -220,9 +217,7 @@ class Rounds:
         if op == "ping":
             return pack({"ok": True, "rank": self.comm.rank})
         if op == "state":
-            from dtrain.comm.hivemind_join import serve_state
-
-            return await asyncio.get_running_loop().run_in_executor(None, serve_state, self.comm, header)
+            return await self.comm.on_state_request(peer_id)
         if not isinstance(src, int) or isinstance(src, bool):
             return pack({"ok": False, "error": "missing src rank"})
         if op == "x":
@@ -297,8 +292,6 @@ class Rounds:
         # after the receiver had the message): its mailbox keeps the first copy, so a repeat is
         # harmless. Not after a timeout, nor to a peer seen gone, and a few times at most, so a
         # dead peer costs well under a second.
-        from dtrain.comm.hivemind_node import NodeError
-
         node, loop = self.comm.node, asyncio.get_running_loop()
         deadline = loop.time() + self.comm.cfg.matchmaking_time
         attempt = 0

@@ -33,12 +33,17 @@ waits for the other's message with the same tag in its mailbox. A message is sen
 transport error (the mailbox keeps the first copy, so delivery is at least once and a repeat is
 harmless), and the wait ends early once the peer has left the run (its record lapsed or said so).
 
-A peer that starts while a run is under way (the DHT shows rounds already done) joins: see
-`dtrain.comm.hivemind_join` for fetching state from a live peer. Until `activate()` its
-collectives complete alone.
+A peer that starts while a run is under way joins: `fetch_state()` returns a live peer's current
+state (see `join` and `membership`), the loop loads it and calls `activate()`; until then its
+collectives complete alone. Every live peer's loop calls `serve_state(provider)` at each step
+boundary, which answers joiners that wait. `peers_in_round(r)` is the membership of round r of a
+schedule that each peer computes alone (NoLoCo), fixed per round and equal on every peer.
+
+Run key (`comm.run_key_file` / `comm.run_key_env`, see `auth`): every message is sealed and every
+membership record signed; a peer without the key is never a member and nothing it sends is parsed.
 
 Shutdown: `close()` (also on SIGTERM, turned into SystemExit) stops the daemon; a watchdog
-kills it if this process dies any other way (see `hivemind_node`).
+kills it if this process dies any other way (see `node`).
 """
 
 from __future__ import annotations
@@ -50,51 +55,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
-from dtrain.comm.hivemind_rounds import Rounds
-from dtrain.comm.hivemind_wire import WireError, decode_tensor, pack, tensor_bytes, tensor_header, unpack
+from dtrain.comm.hivemind.auth import RunKey, load_run_key
+from dtrain.comm.hivemind.config import Config, validate
+from dtrain.comm.hivemind.join import StateRequests, decode_state, encode_state
+from dtrain.comm.hivemind.membership import Membership
+from dtrain.comm.hivemind.rounds import Rounds
+from dtrain.comm.hivemind.wire import WireError, decode_tensor, pack, tensor_bytes, tensor_header, unpack, unpack_list
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Config:
-    name: str = "hivemind"
-    initial_peers: list[str] = field(default_factory=list)  # multiaddrs of running peers; [] starts a new run
-    run_id: str = "dtrain"  # keeps runs that share a DHT apart
-    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # where to listen
-    announce_maddrs: list[str] = field(default_factory=list)  # public addresses to announce (behind NAT)
-    rank: int = -1  # -1: claim one from the DHT (1 + highest seen)
-    min_peers: int = 1  # wait for this many live peers before training starts
-    join_timeout: float = 120.0  # seconds to wait for min_peers
-    request_timeout: float = 3.0  # one RPC (send, ping); must be < matchmaking_time
-    matchmaking_time: float = 30.0  # how long a round waits for a live but slow peer
-    heartbeat: float = 1.0  # seconds between membership refreshes; a record lives 4 heartbeats
-    state_dir: str = "${out_dir}"  # where this peer's checkpoints are, served to joining peers (the run's out_dir)
-    maddr_file: str = ""  # if set, write this peer's multiaddrs here (one a line) once it listens
-
-
-def validate(cfg: Config) -> None:
-    if not cfg.run_id or any(c in cfg.run_id for c in "/ \t\n"):
-        raise ValueError(f"comm.run_id must be a non-empty word without '/' or spaces, got {cfg.run_id!r}")
-    if not cfg.host_maddrs:
-        raise ValueError("comm.host_maddrs must list at least one address, e.g. [/ip4/0.0.0.0/tcp/31337]")
-    for key in ("request_timeout", "matchmaking_time", "heartbeat", "join_timeout"):
-        if getattr(cfg, key) <= 0:
-            raise ValueError(f"comm.{key} must be > 0, got {getattr(cfg, key)}")
-    if cfg.request_timeout >= cfg.matchmaking_time:
-        raise ValueError(f"comm.request_timeout ({cfg.request_timeout}) must be < comm.matchmaking_time ({cfg.matchmaking_time})")
-    if cfg.min_peers < 1:
-        raise ValueError(f"comm.min_peers must be >= 1, got {cfg.min_peers}")
-    if cfg.rank < -1:
-        raise ValueError(f"comm.rank must be >= 0, or -1 to claim one, got {cfg.rank}")
-    for addr in [*cfg.initial_peers, *cfg.host_maddrs]:
-        if not str(addr).startswith("/"):
-            raise ValueError(f"comm addresses must be multiaddrs like /ip4/1.2.3.4/tcp/31337/p2p/Qm..., got {addr!r}")
 
 
 def connect(cfg: Config) -> HivemindComm:
@@ -104,22 +77,7 @@ def connect(cfg: Config) -> HivemindComm:
         raise CommError("comm.name=hivemind needs hivemind: pip install 'dtrain[hivemind]'") from None
     comm = HivemindComm(cfg)
     _exit_on_sigterm()
-    if comm.joining:
-        from dtrain.comm.hivemind_join import join
-
-        root = _root_config(cfg)
-        try:
-            join(comm, out_dir=str(getattr(root, "out_dir", cfg.state_dir)), resume=bool(getattr(root, "resume", True)))
-        except BaseException:
-            comm.close()
-            raise
     return comm
-
-
-def _root_config(cfg: Config) -> object:
-    """The whole run config around this comm section (OmegaConf keeps the parent), else None."""
-    get_parent = getattr(cfg, "_get_parent", None)
-    return get_parent() if callable(get_parent) else None
 
 
 def _exit_on_sigterm() -> None:
@@ -131,32 +89,38 @@ def _exit_on_sigterm() -> None:
 class HivemindComm(Comm):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        from dtrain.comm.hivemind_node import Node
+        from dtrain.comm.hivemind.node import Node
 
         validate(cfg)
         self.cfg = cfg
+        secret = load_run_key(cfg.run_key_file, cfg.run_key_env)
+        if secret is None:
+            log.warning("hivemind: run %r has no run key (comm.run_key_file / comm.run_key_env): anyone who knows "
+                        "a peer's address and the run id can join it and send it data", cfg.run_id)
         self.rounds = Rounds(self)
         self.node = Node(
             run_id=cfg.run_id, initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.host_maddrs),
             announce_maddrs=list(cfg.announce_maddrs), handler=self.rounds.handle,
+            auth=RunKey(secret, cfg.run_id) if secret is not None else None,
         )
+        del secret
         self.peer_id = self.node.peer_id
-        self.members: dict[int, str] = {}  # rank -> peer id of live peers (self included)
-        self.dead: set[str] = set()  # peer ids seen gone; never readmitted (a restart gets a new id)
-        self.bad: set[str] = set()  # peer ids that sent bad data; dropped for the rest of the run
-        self.active = True
+        self.membership = Membership(self.node, heartbeat=cfg.heartbeat, patience=cfg.matchmaking_time,
+                                     collective_round=lambda: self.rounds.next_round)
+        self.requests = StateRequests(self.node.loop)
         self.rank = -1
+        self._provider_seen = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         try:
             if cfg.maddr_file:
                 with open(cfg.maddr_file, "w") as f:
                     f.write("\n".join(self.node.visible_maddrs()) + "\n")
-            self.rank = cfg.rank if cfg.rank >= 0 else self._claim_rank()
-            self.publish()
-            self.joining = self._run_in_progress()
-            self.active = not self.joining
-            self.publish()
+            self.rank = self.membership.rank = cfg.rank if cfg.rank >= 0 else self.membership.claim_rank()
+            self.membership.publish()
+            self.joining = self.membership.run_in_progress()
+            self.membership.active = not self.joining
+            self.membership.publish()
             self._beat = threading.Thread(target=self._heartbeat, name="hivemind-comm-heartbeat", daemon=True)
             self._beat.start()
             self._wait_for_peers()
@@ -166,48 +130,33 @@ class HivemindComm(Comm):
         self.world_size = len(self.peers())
         log.warning("hivemind peer rank %d: %s", self.rank, " ".join(self.node.visible_maddrs()))
 
-    # -- membership ---------------------------------------------------------------------
-    def record(self) -> dict[str, object]:
-        return {"rank": self.rank, "active": self.active, "round": self.rounds.next_round}
+    # -- membership (see `membership`) ---------------------------------------------------------
+    @property
+    def members(self) -> dict[int, str]:
+        return self.membership.members
 
-    def publish(self) -> None:
-        self.node.publish(self.record(), ttl=4 * self.cfg.heartbeat)
+    @property
+    def dead(self) -> set[str]:
+        return self.membership.dead
+
+    @property
+    def bad(self) -> set[str]:
+        return self.membership.bad
+
+    @property
+    def active(self) -> bool:
+        return self.membership.active
 
     def refresh(self) -> dict[str, dict]:
-        recs = self.node.records()
-        live: dict[int, str] = {}
-        for pid, rec in recs.items():
-            if pid in self.dead or pid in self.bad or not rec.get("active", False):
-                continue
-            r = rec["rank"]
-            if r not in live or pid < live[r]:
-                live[r] = pid
-        if self.active and self.rank >= 0:
-            live[self.rank] = self.peer_id
-        self.members = live
-        return recs
+        return self.membership.refresh()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.cfg.heartbeat):
             try:
-                self.publish()
-                self.refresh()
+                self.membership.publish()
+                self.membership.refresh()
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; the DHT may be shutting down
                 log.debug("hivemind heartbeat failed: %s", e)
-
-    def _claim_rank(self) -> int:
-        while True:
-            taken = [rec["rank"] for pid, rec in self.node.records().items() if pid != self.peer_id]
-            rank = 1 + max(taken, default=-1)
-            self.node.publish({"rank": rank, "active": False, "round": 0}, ttl=4 * self.cfg.heartbeat)
-            time.sleep(min(0.5, self.cfg.heartbeat))
-            rivals = [pid for pid, rec in self.node.records().items() if rec["rank"] == rank and pid != self.peer_id]
-            if all(self.peer_id < pid for pid in rivals):
-                return rank
-
-    def _run_in_progress(self) -> bool:
-        recs = self.node.records()
-        return any(rec.get("active") and int(rec.get("round", 0)) > 0 for pid, rec in recs.items() if pid != self.peer_id)
 
     def _wait_for_peers(self) -> None:
         deadline = time.monotonic() + self.cfg.join_timeout
@@ -217,58 +166,104 @@ class HivemindComm(Comm):
                 return
             if time.monotonic() > deadline:
                 raise CommError(f"only {len(self.members)} of comm.min_peers={self.cfg.min_peers} peers joined within "
-                                f"{self.cfg.join_timeout}s; check comm.initial_peers or lower comm.min_peers")
+                                f"{self.cfg.join_timeout}s; check comm.initial_peers (and that every peer has the same "
+                                "run key) or lower comm.min_peers")
             time.sleep(0.2)
 
     def peers(self) -> list[int]:
         return sorted(self.members) if self.active else [self.rank]
 
+    def peers_in_round(self, round_: int) -> list[int]:
+        return self.membership.peers_in_round(round_)
+
     def peer_of(self, rank: int) -> str | None:
-        pid = self.members.get(rank)
+        pid = self.membership.peer_of(rank)
         if pid is None:
             self.refresh()
-            pid = self.members.get(rank)
+            pid = self.membership.peer_of(rank)
         return pid
 
     def rank_of(self, peer_id: str) -> int | None:
         return next((r for r, p in self.members.items() if p == peer_id), None)
 
     def mark_dead(self, peer_id: str) -> None:
-        if peer_id != self.peer_id:
-            self.dead.add(peer_id)
-            self.members = {r: p for r, p in self.members.items() if p != peer_id}
+        self.membership.mark_dead(peer_id)
 
     def mark_bad(self, peer_id: str, reason: str) -> None:
-        if peer_id != self.peer_id and peer_id not in self.bad:
-            log.warning("hivemind: dropping peer %s.. for bad data: %s", peer_id[:12], reason)
-            self.bad.add(peer_id)
-            self.members = {r: p for r, p in self.members.items() if p != peer_id}
+        self.membership.mark_bad(peer_id, reason)
+
+    # -- joining (see `join`, `membership`) -------------------------------------------------------
+    def fetch_state(self) -> dict[str, Any] | None:
+        """A live peer's current state if this peer joins a run under way (None otherwise); after
+        loading it, call `activate()`. Paired in rounds from the one the server admitted us to."""
+        if not self.joining or self.active:
+            return None
+        self.membership.joining = True
+        self.membership.publish()
+        errors = []
+        try:  # survivors acknowledge while we ask (see `membership`); `activate` ends it
+            self.refresh()
+            for rank, pid in sorted(self.members.items()):
+                if pid == self.peer_id:
+                    continue
+                try:
+                    frame = pack({"op": "state", "src": self.rank})
+                    header, body = unpack(self.node.run(self.node.call(pid, frame, 4 * self.cfg.matchmaking_time)))
+                    if not header.get("ok"):
+                        errors.append(f"rank {rank}: {header.get('error')}")
+                        continue
+                    state, first = decode_state(body), header.get("from")
+                    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("step"), int) \
+                            or not isinstance(first, int):
+                        raise WireError("not a training state")
+                except Exception as e:  # noqa: BLE001 - try the next peer
+                    errors.append(f"rank {rank}: {e}")
+                    continue
+                self.membership.from_round = first
+                log.warning("hivemind: rank %d joins run %r at step %d from rank %d (paired from round %d)",
+                            self.rank, self.cfg.run_id, state["step"], rank, first)
+                return state
+        except BaseException:
+            self.membership.joining = False
+            raise
+        self.membership.joining = False
+        raise CommError(f"joining run {self.cfg.run_id!r}: no live peer sent its state ({'; '.join(errors) or 'no peers'}); "
+                        "check that every peer runs the same config and run key, or start a new comm.run_id")
+
+    def serve_state(self, provider: Callable[[], dict[str, Any]]) -> None:
+        """Call at every step boundary of the training loop: answers admitted joiners with ``provider()``."""
+        if not self._provider_seen:
+            self._provider_seen = self.membership.serving = True
+            self.membership.publish()
+        ready = [p for p in list(self.requests.waiting) if p in self.membership.admitted]
+        if not ready:
+            return
+        state = provider()
+        body = encode_state(state)
+        for pid in ready:
+            first = self.membership.admitted[pid]
+            log.warning("hivemind: rank %d sends its state at step %s to a joiner (paired from round %d)",
+                        self.rank, state.get("step"), first)
+            self.requests.answer(pid, pack({"ok": True, "from": first, "step": state.get("step"), "rank": self.rank}, body))
+
+    async def on_state_request(self, peer_id: str) -> bytes:
+        """Runs on the node's loop (handler): hold a joiner's request until `serve_state` answers it."""
+        if not self.active or not self.membership.serving:
+            return pack({"ok": False, "error": "this peer is not training yet"})
+        self.membership.requests.add(peer_id)
+        return await self.requests.wait(peer_id, 4 * self.cfg.matchmaking_time)
 
     def activate(self) -> None:
         """A joining peer takes part in collectives from its next one on (it adopts the group's round)."""
         if not self.active:
-            self.active = True
+            self.membership.active, self.membership.joining = True, False
+            self.joining = False
             self.rounds.adopt_next = True
-            self.publish()
+            self.membership.publish()
             self.refresh()
+            self.world_size = len(self.peers())  # until the next collective says otherwise
 
-    # -- collectives (through the leader, see hivemind_rounds) ---------------------------------
-    def activate_after_resume(self, step: int) -> None:
-        """Join the group's rounds right after the loop's resume agreement on ``step`` (see hivemind_join)."""
-        self._resume_marker = float(step)
-
-    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", *, async_op: bool = False) -> Handle | None:
-        if self.active:
-            return super().all_reduce(tensors, op, async_op=async_op)
-        # Joining, not yet in the group: a collective of one leaves the tensors as they are.
-        tensors = list(tensors)
-        self.stats.collectives += 1
-        marker = getattr(self, "_resume_marker", None)
-        if marker is not None and op == "min" and len(tensors) == 1 and tensors[0].numel() == 1:
-            if float(tensors[0].reshape(-1)[0]) == marker:
-                self.activate()
-        return self._completed(async_op)
-
+    # -- collectives (through the leader, see rounds) ---------------------------------
     def _collective(self, kind: str, header: dict, body: bytes) -> tuple[dict, bytes]:
         if not self.active:
             return self.rounds.solo(kind, header, body)
@@ -301,8 +296,6 @@ class HivemindComm(Comm):
         self._collective("gather", {}, b"")
 
     def _all_gather_bytes(self, payload: bytes) -> list[bytes]:
-        from dtrain.comm.hivemind_wire import unpack_list
-
         rh, rb = self._collective("gather", {}, payload)
         try:
             items = unpack_list(rb, len(rh["ranks"]))
@@ -362,7 +355,7 @@ class HivemindComm(Comm):
             except concurrent.futures.TimeoutError:
                 if remaining <= self.cfg.heartbeat:
                     raise
-                if pid not in self.members.values():
+                if not self.membership.present(pid):
                     raise PeerTimeout("left the run before sending") from None
 
     def exchange(self, tensors: Sequence[torch.Tensor], peer: int, *, tag: int = 0, timeout: float | None = None,
@@ -383,10 +376,15 @@ class HivemindComm(Comm):
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
+        node = getattr(self, "node", None)
+        if node is None:
+            return
         try:
-            if self.rank >= 0:  # as long-lived as a beat: the DHT keeps, per peer, the record that expires last
-                self.node.publish({"rank": self.rank, "active": False, "round": self.rounds.next_round},
-                                  ttl=4 * self.cfg.heartbeat)
+            self.membership.leave()
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
-        self.node.close()
+        if node.rejected:
+            log.warning("hivemind: rank %d ignored %d messages/records from %d peers without this run's key: %s",
+                        self.rank, sum(node.rejected.values()), len(node.rejected),
+                        ", ".join(f"{p[:16]}..x{n}" for p, n in sorted(node.rejected.items())))
+        node.close()
