@@ -3,7 +3,7 @@ than the same run with exploration off (which is OneCycleLR on every replica)?
 
 Runs side by side, in one invocation, on the local backend (4 workers as threads), each system with
 the same seeds:
-- "HDET defaults": configs/hdet.yaml as it stands (replicas at 1 ± 0.5 × the OneCycle lr, averaged
+- "HDET defaults": configs/hdet.yaml as it stands (replicas at 1 ± 0.2 × the OneCycle lr, averaged
   every 25 steps, the scale controller gated by the significance test at α = 0.05);
 - "OneCycleLR (exploration off)": the same with algo.spread=0 algo.auto_lr=false algo.probe_batches=0
   (every replica on OneCycleLR's curve; the same averaging, so only the exploration differs);
@@ -13,8 +13,9 @@ the same seeds:
 Prints final val loss mean ± std over seeds per system and the gap to OneCycleLR, and writes JSON
 (``--out``) plus the table beside it (.txt).
 
-    .venv/bin/python benchmarks/hdet_dropin.py --out benchmarks/results/hdet_dropin.json   (~8 min here)
+    .venv/bin/python benchmarks/hdet_dropin.py --out benchmarks/results/hdet_dropin.json   (8-15 min here, by load)
     .venv/bin/python benchmarks/hdet_dropin.py --quick                                      (tiny, < 1 min)
+    .venv/bin/python benchmarks/hdet_dropin.py --set algo.spread=0.5                        (a wider spread)
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--quick", action="store_true", help="40 steps, a 1-layer model: checks that it runs")
     ap.add_argument("--ungated", action="store_true", help="also run the additive controller without the test")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides for every system (e.g. algo.spread=0.5); exploration off still sets its own")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if len(args.seeds) < 2:
@@ -81,7 +84,7 @@ def main() -> None:
             runs = []
             for seed in args.seeds:
                 out = Path(tmp) / f"{len(rows)}_{seed}"
-                runs.append(run_one([*extra, *overrides, f"seed={seed}"], out))
+                runs.append(run_one([*extra, *args.set, *overrides, f"seed={seed}"], out))
                 print(f"  {name:<44} seed {seed}: val_loss {runs[-1]['val_loss']:.4f} ({runs[-1]['wall_s']:.0f}s)"
                       f"{'  controller moved' if runs[-1]['moved'] else ''}", flush=True)
             values = [r["val_loss"] for r in runs]
@@ -90,13 +93,14 @@ def main() -> None:
     reference = next(r for r in rows if r["system"].startswith("OneCycleLR"))["mean"]
     text = table(rows, reference)
     notes = (f"dtrain train {CONFIG.relative_to(REPO)} on comm.name=local comm.workers=4 threads=1, seeds {args.seeds}"
-             f"{', quick: ' + ' '.join(QUICK) if args.quick else ''}. OneCycleLR (exploration off) = the same run "
+             f"{', quick: ' + ' '.join(QUICK) if args.quick else ''}{', set: ' + ' '.join(args.set) if args.set else ''}. OneCycleLR (exploration off) = the same run "
              f"with {' '.join(SYSTEMS['OneCycleLR (exploration off)'])}. Total {time.perf_counter() - t_start:.0f}s.")
     report = text + "\n\n" + notes
     print("\n" + report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"config": str(CONFIG.relative_to(REPO)), "seeds": args.seeds, "quick": args.quick,
+                                        "set": args.set,
                                         "rows": rows, "notes": notes}, indent=1, default=str))
         args.out.with_suffix(".txt").write_text(report + "\n")
 

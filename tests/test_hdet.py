@@ -58,7 +58,7 @@ def _compare_with_torch(kind: str, groups: int, kwargs: dict, **hdet_kwargs) -> 
 
 @pytest.mark.parametrize("kind,groups,kwargs", ONECYCLE_GRID)
 def test_one_replica_equals_onecycle_exactly(kind, groups, kwargs):
-    _compare_with_torch(kind, groups, kwargs, converge_every=7)  # HDET's other defaults: spread 0.5, auto-LR on
+    _compare_with_torch(kind, groups, kwargs, converge_every=7)  # HDET's other defaults: spread 0.2, auto-LR on
     _compare_with_torch(kind, groups, kwargs, converge_every=7, auto_lr_mode="scale", spacing="log", spread=3.0)
 
 

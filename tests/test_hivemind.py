@@ -309,3 +309,11 @@ def test_sigterm_and_sigint_shut_a_peer_down_cleanly(tmp_path):
         assert peers.stray_daemons(procs, settle_s=0.5) == []
     finally:
         peers.stop(procs)
+
+
+def test_a_new_member_record_is_inactive_until_the_comm_knows_it_is_not_joining():
+    # The first record a peer publishes claims its rank; were it "active, from round 0", survivors
+    # would pair a joiner in rounds fixed before its admission (and wait on it there).
+    node = SimpleNamespace(peer_id="j", publish=lambda rec, ttl: None, records=dict)
+    record = Membership(node, heartbeat=1.0, patience=1.0, collective_round=lambda: 0).record()
+    assert record["active"] is False and record["from"] == 0

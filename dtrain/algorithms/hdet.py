@@ -11,7 +11,7 @@ live) are keywords or ``cfg=``:
                                                                       # max_lr unsure by up to 10x
 
 Defaults that are safe as a drop-in: with a comm, each replica runs ρ_r × OneCycleLR's lr (ρ_r within
-the spread, 1 ± 0.5) and the controller (``auto_lr_mode="scale"``: c × the curve, c = 1 at start)
+the spread, 1 ± 0.2) and the controller (``auto_lr_mode="scale"``: c × the curve, c = 1 at start)
 moves c only once the rounds pass a significance test at level ``auto_lr_alpha`` = 0.05 (a test by
 betting on the sign of each round's loss-vs-multiplier slope, valid however many rounds are looked
 at; see `dtrain.algorithms.hdet_controller`): until then the lr stays within the spread of

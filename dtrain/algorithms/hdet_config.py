@@ -30,7 +30,7 @@ class Config:
     final_div_factor: float = 1e4
     three_phase: bool = False
     # -- fan-out and converge -----------------------------------------------------------------------
-    spread: float = 0.5  # a: multipliers 1 ± a (the paper's 1/9 is for 8 replicas and 1e5-step warm-ups)
+    spread: float = 0.2  # a: multipliers 1 ± a; wider explores more but costs more (README: HDET as a drop-in)
     spacing: str = "linear"  # multipliers 1 ± a (linear) or (1 + a)^±1 (log)
     converge_every: int = 25  # T: parameters averaged every T steps; nothing is sent in between
     explore: list[str] = field(default_factory=lambda: ["lr"])

@@ -5,7 +5,7 @@ See `dtrain.algorithms.hdet` for the method and its equations."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -28,10 +28,10 @@ class HDET(Readout, LRScheduler):
 
     ``HDET(optimizer, max_lr, total_steps, ..., comm=None, cfg=None, seed=0, probe=None, **overrides)``:
     OneCycleLR's arguments (positional as in torch; one left out, or None, takes ``cfg``'s value, whose
-    defaults are torch's), then the options of `Config` as ``cfg`` and/or keywords (an unknown one is a
-    TypeError). ``comm=None`` is one replica: exactly OneCycleLR. ``seed`` (the run's, shared by every
-    replica) deals the multipliers; ``probe(converge_index) -> loss`` scores this replica on batches every
-    replica shares (see `dtrain.algorithms.hdet_probe`).
+    defaults are torch's), then the options of `Config` as ``cfg`` (or dtrain's ``algo`` section) and/or
+    keywords (an unknown one is a TypeError). ``comm=None`` is one replica: exactly OneCycleLR. ``seed``
+    (the run's, shared by every replica) deals the multipliers; ``probe(converge_index) -> loss`` scores
+    this replica on batches every replica shares (see `dtrain.algorithms.hdet_probe`).
 
     ``step(loss)`` feeds the controller (the loss of the batch just trained on); ``step()`` works too.
     Every replica must call ``step`` the same number of times: converge steps are collectives.
@@ -55,7 +55,7 @@ class HDET(Readout, LRScheduler):
         last_epoch: int = -1,
         *,
         comm: Comm | None = None,
-        cfg: Config | None = None,
+        cfg: Config | Mapping[str, Any] | None = None,
         seed: int = 0,
         probe: Callable[[int], float] | None = None,
         **overrides: Any,

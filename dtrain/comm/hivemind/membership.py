@@ -40,7 +40,9 @@ class Membership:
         self.heartbeat, self.patience = heartbeat, patience
         self._collective_round = collective_round
         self.rank = -1
-        self.active = True
+        # False until the comm knows whether this peer joins a run under way: a record that said
+        # "active, from round 0" even for a moment would put a joiner into rounds it is not in.
+        self.active = False
         self.joining = False  # asking for state: survivors acknowledge
         self.serving = False  # the training loop has started (a newcomer then joins)
         self.from_round = 0  # the first round this peer is paired in
