@@ -62,6 +62,16 @@ def make_config(config_cls: type[C], cfg: Any = None, overrides: dict[str, Any] 
     return made
 
 
+def check_outer_step(cfg: Any) -> None:
+    """The keys of an outer step every H inner steps (DiLoCo, NoLoCo): one-line errors naming them."""
+    if cfg.sync_every < 1:
+        raise ValueError(f"algo.sync_every must be >= 1, got {cfg.sync_every}")
+    if cfg.outer_lr <= 0:
+        raise ValueError(f"algo.outer_lr must be > 0, got {cfg.outer_lr}")
+    if not 0 <= cfg.outer_momentum < 1:
+        raise ValueError(f"algo.outer_momentum must be in [0, 1), got {cfg.outer_momentum}")
+
+
 def _plain(value: Any) -> Any:
     """A config container as the plain list/dict a dataclass field holds."""
     if isinstance(value, (str, bytes, int, float, bool)) or value is None:

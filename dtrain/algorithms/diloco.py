@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import Algorithm
+from dtrain.algorithms.base import Algorithm, check_outer_step
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
@@ -41,12 +41,7 @@ class Config:
 
     def validate(self) -> None:
         """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
-        if self.sync_every < 1:
-            raise ValueError(f"algo.sync_every must be >= 1, got {self.sync_every}")
-        if self.outer_lr <= 0:
-            raise ValueError(f"algo.outer_lr must be > 0, got {self.outer_lr}")
-        if not 0 <= self.outer_momentum < 1:
-            raise ValueError(f"algo.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        check_outer_step(self)
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("algo.nesterov=true needs algo.outer_momentum > 0 (set algo.nesterov=false)")
         check_options(self.robust, self.robust_trim, self.robust_norm_bound)

@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import Algorithm, AttachContext, Attached
+from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.noloco_layout import HeldLayout
 from dtrain.algorithms.noloco_compress import MODES, DecodeError, decode, encode
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype, degenerate
@@ -92,12 +92,7 @@ class Config:
 
     def validate(self) -> None:
         """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
-        if self.sync_every < 1:
-            raise ValueError(f"algo.sync_every must be >= 1, got {self.sync_every}")
-        if self.outer_lr <= 0:
-            raise ValueError(f"algo.outer_lr must be > 0, got {self.outer_lr}")
-        if not 0 <= self.outer_momentum < 1:
-            raise ValueError(f"algo.outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        check_outer_step(self)
         if self.gamma is not None and self.gamma < 0:
             raise ValueError(f"algo.gamma must be >= 0 (or null for outer_lr), got {self.gamma}")
         if self.group_size < 2:
