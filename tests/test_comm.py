@@ -97,6 +97,7 @@ def test_torch_backend_over_gloo(tmp_path):
         eb = x["exchange_bytes"]
         assert eb["bytes_sent"] == eb["bytes_recv"] == 12 * 4 and eb["messages"] == 1 and eb["collectives"] == 0
         assert x["nan_rejected"] == (r == 1)  # only rank 1 received rank 0's NaNs
+        assert x["threads_left"] == []  # failure watcher and exchange threads joined by close()
     assert res[0]["timeout"] is True
     assert res[1]["late_reply_delivered"] is True  # rank 0's send survived its own timeout
     # 3 all-reduces, 1 broadcast, 1 all-gather, 1 barrier

@@ -61,7 +61,11 @@ class TorchComm(Comm):
         self.backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         self._failed = False
-        self._watching = threading.Event()
+        self._stop_watching: threading.Event | None = None  # set: the failure watcher leaves
+        # Threads that sit in torch's C++ calls with the GIL released; `close` joins them, because a
+        # daemon thread still in such a call at interpreter exit aborts the process ("terminate called
+        # without an active exception") when it wakes and finds the interpreter gone.
+        self._threads: list[threading.Thread] = []
         self._failures = _FailureBoard.from_env(timeout_s) if self._owns_group else None
 
     def _to_device(self, flat: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,7 @@ class TorchComm(Comm):
             finally:
                 done.set()
 
-        threading.Thread(target=drain, name=f"dtrain-exchange-{peer}-{tag}", daemon=True).start()
+        self._start_thread(drain, f"dtrain-exchange-{peer}-{tag}")
 
         def finish(timeout: float | None) -> torch.Tensor:
             if not done.wait(timeout):
@@ -151,23 +155,37 @@ class TorchComm(Comm):
             self._failures.post(f"rank {self.rank} stopped: {message}")
 
     def watch_failures(self, on_failure: Callable[[str], None]) -> None:
-        if self._failures is None or self._watching.is_set():
+        if self._failures is None or self._stop_watching is not None:
             return
-        self._watching.set()
         board = self._failures
+        stop = self._stop_watching = threading.Event()
 
         def watch() -> None:
-            while self._watching.is_set():
+            while not stop.is_set():
                 reason = board.read()
-                if reason is not None and not self._failed:
+                if reason is not None and not self._failed and not stop.is_set():
                     on_failure(reason)
                     return
-                time.sleep(_FAILURE_POLL_S)
+                stop.wait(_FAILURE_POLL_S)
 
-        threading.Thread(target=watch, name="dtrain-failure-watch", daemon=True).start()
+        self._start_thread(watch, "dtrain-failure-watch")
+
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _join_threads(self, timeout_s: float) -> None:
+        """Wait (bounded) for the helper threads to leave torch's C++ calls; see ``__init__``."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
 
     def close(self) -> None:
-        self._watching.clear()
+        if self._stop_watching is not None:
+            self._stop_watching.set()
         if self._failed and self._failures is not None:
             # Linger for two polls so every peer reads our reason before torchrun, seeing this
             # process exit, tears the others down without one.
@@ -183,6 +201,8 @@ class TorchComm(Comm):
                 pass
             dist.destroy_process_group()
             self._owns_group = False
+        # After the teardown: an exchange still waiting on a peer is released by it (gloo fails the work).
+        self._join_threads(timeout_s=10.0)
 
 
 def _attempt_store(timeout_s: float) -> dict:

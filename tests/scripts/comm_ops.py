@@ -2,6 +2,7 @@
 
 import json
 import sys
+import threading
 import time
 
 import torch
@@ -13,6 +14,7 @@ from dtrain.comm.torch_backend import TorchComm
 def main() -> None:
     out = sys.argv[1]
     comm = TorchComm()
+    comm.watch_failures(lambda reason: None)  # its thread must be gone after close(), see below
     r, n = comm.rank, comm.world_size
     res: dict = {"rank": r}
     t = [torch.full((3,), float(r)), torch.full((2, 2), float(r + 1))]
@@ -52,8 +54,11 @@ def main() -> None:
         time.sleep(3.0)  # silent past rank 0's timeout, then answers late: the pair must still work
         late = comm.exchange([torch.full((4,), 7.0)], 0, tag=9, timeout=30)
         res["late_reply_delivered"] = late[0].tolist() == [1.0] * 4
-    json.dump(res, open(f"{out}.{r}", "w"))
     comm.close()
+    # A helper thread still inside a torch C++ call at interpreter exit aborts the process
+    # ("terminate called without an active exception"): close() must have joined them all.
+    res["threads_left"] = [t.name for t in threading.enumerate() if t.name.startswith("dtrain-")]
+    json.dump(res, open(f"{out}.{r}", "w"))
 
 
 if __name__ == "__main__":
