@@ -155,6 +155,7 @@ KEY_CASES = [
     ("ddp", "algo.robust=median", [], 3, None),
     ("ddp", "algo.robust_trim=0.4", ["algo.robust=trimmed_mean"], 5, None),
     ("ddp", "algo.robust_norm_bound=1.0", [], 3, None),
+    ("ddp", "algo.bucket_mb=0.00001", [], 3, None),  # ~10-byte buckets: more all-reduces per step
     ("diloco", "algo.sync_every=4", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.outer_lr=0.4", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.outer_momentum=0.5", ["algo.sync_every=3"], 3, None),

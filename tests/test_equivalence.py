@@ -18,6 +18,7 @@ def test_ddp_equals_single_process_on_concatenated_batch(tmp_path):
     res = _run(tmp_path, "ddp", 3)
     assert res["moved"] > 1e-3  # training really changed the weights
     assert res["max_abs_diff"] < 1e-12  # float64: same update up to summation order
+    assert res["torch_ddp_diff"] < 1e-12  # and the same weights as torch's DistributedDataParallel
     # one fused all-reduce per step, nothing else
     assert res["window"]["collectives"] == res["steps"]
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import Algorithm
+from dtrain.algorithms.ddp_buckets import FIRST_BUCKET_BYTES, FLAGGED, OK, PEER_NONFINITE, GradBuckets, finite
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
@@ -19,23 +20,30 @@ class Config:
     robust: str = "none"  # none | trimmed_mean | median (coordinate-wise, over every worker's gradient)
     robust_trim: float = DEFAULT_TRIM  # trimmed_mean: fraction dropped at each end
     robust_norm_bound: float = 0.0  # 0 = off; else clip a gradient to this multiple of the median gradient norm
+    bucket_mb: float = 25.0  # gradient bucket size (torch DDP's bucket_cap_mb); the first bucket is at most 1 MiB
 
     def validate(self) -> None:
         check_options(self.robust, self.robust_trim, self.robust_norm_bound)
+        if not self.bucket_mb > 0:
+            raise ValueError(f"algo.bucket_mb must be > 0, got {self.bucket_mb}")
 
 
 validate = Config.validate  # dtrain.config calls it on the algo section
 
 
 class DDP(Algorithm):
-    """All-reduce (mean) of the gradients inside ``optimizer.step()``: ``DDP(optimizer, comm, cfg=None,
-    **overrides)`` with the options of `Config`. One fused buffer per dtype (the comm groups them).
+    """The mean of the gradients over all workers before every update: ``DDP(optimizer, comm, cfg=None,
+    **overrides)`` with the options of `Config`. As torch's DistributedDataParallel does, gradients
+    are all-reduced in buckets while backward runs (`dtrain.algorithms.ddp_buckets`: each bucket's
+    non-blocking all-reduce starts when its last gradient is accumulated), and when ``backward()``
+    returns ``p.grad`` holds the mean, so the loop's clipping sees the averaged gradient. Works on
+    any comm (torch, local, hivemind); the step hook settles what backward could not.
 
     A worker whose gradients are all missing (it skipped backward on a NaN loss) or non-finite
-    contributes zeros and raises a flag carried in the same buffer, so every worker learns of it
-    from the one all-reduce and all of them skip the update together: no extra collective and
-    no worker left waiting. The *reduced* buffer is checked too (a peer may send NaN or values
-    that overflow the sum): every worker holds the same reduced buffer, so all skip together.
+    contributes zeros and raises a flag carried in the last bucket, so every worker learns of it
+    from the same all-reduces and all of them skip the update together: no extra collective and
+    no worker left waiting. The *reduced* buffers are checked too (a peer may send NaN or values
+    that overflow the sum): every worker holds the same reduced buffers, so all skip together.
 
     Skips are counted by reason: ``flagged_steps`` (a worker raised the flag) and
     ``peer_nonfinite_steps`` (the reduced gradient was not finite); ``skipped_steps`` is their sum.
@@ -59,10 +67,19 @@ class DDP(Algorithm):
         if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(self.params, src=0)
+        # robust aggregation needs every worker's whole gradient at once: it gathers at the step
+        cap = max(1, int(self.cfg.bucket_mb * 2**20))
+        self.buckets = (None if self.robust.active else
+                        GradBuckets(comm, lambda: self.params, bucket_bytes=cap, first_bucket_bytes=min(cap, FIRST_BUCKET_BYTES)))
+        if self.buckets is not None:
+            self.buckets.sync_layout()
 
     def before_step(self) -> None:
         params = [p for p in self.params if p.requires_grad]
         if not params:
+            return
+        if self.buckets is not None:
+            self._settle(params)
             return
         grads = [p.grad for p in params]
         # All grads None: this worker skipped its backward (NaN loss). Some None: unused params.
@@ -74,26 +91,34 @@ class DDP(Algorithm):
         if bad or not _finite(parts):
             torch._foreach_zero_(parts)
             flag.fill_(1.0)
-        if self.robust.active:
-            mean = self._robust_mean(parts)
-            if mean is None:
-                return
-        else:
-            self.comm.all_reduce(parts, op="sum")
-            # Check what came back, not only what we sent: a peer's NaN arrives with a clean flag.
-            if not _finite(parts):
-                self._skip("peer_nonfinite")
-                return
-            if flag.item() > 0:
-                self._skip("flagged")
-                return
-            mean = parts[:-1]
-            torch._foreach_div_(mean, self.comm.world_size)
+        mean = self._robust_mean(parts)
+        if mean is None:
+            return
         for p, g in zip(params, mean):
             p.grad = g.view_as(p)
 
+    def _settle(self, params: list[torch.Tensor]) -> None:
+        """The step's verdict from the buckets; reduced here if no backward did it on this worker
+        (it skipped backward: its flag goes up) or the trainable parameters changed since."""
+        changed = self.buckets.sync_layout()
+        verdict = self.buckets.verdict
+        if verdict is None or (changed and verdict == OK):
+            self.buckets.reduce_now(skipped=all(p.grad is None for p in params))
+        verdict = self.buckets.take_verdict()
+        if verdict != OK:
+            self._skip(verdict)
+
+    def after_step(self) -> None:
+        if self.buckets is not None:
+            self.buckets.sync_layout()  # a freeze/unfreeze by an earlier hook (LISA) counts from the next backward
+
+    def remove(self) -> None:
+        super().remove()
+        if self.buckets is not None:
+            self.buckets.remove()
+
     def _skip(self, reason: str) -> None:
-        if reason == "flagged":
+        if reason == FLAGGED:
             self.flagged_steps += 1
         else:
             self.peer_nonfinite_steps += 1
@@ -117,12 +142,12 @@ class DDP(Algorithm):
         where = f"step {self.step}"
         self.tracker.note("dropped", dropped, rank=self.comm.rank, where=where)
         if not rows:
-            self._skip("flagged")
+            self._skip(FLAGGED)
             return None
         result = aggregate(torch.stack(rows), self.robust)
         self.tracker.round(result, ranks, rank=self.comm.rank, where=where)
         if not bool(torch.isfinite(result.value).all()):  # finite rows can still overflow
-            self._skip("peer_nonfinite")
+            self._skip(PEER_NONFINITE)
             return None
         out, offset = [], 0
         for g in grads:
@@ -149,8 +174,7 @@ class DDP(Algorithm):
 
 
 def _finite(tensors: list[torch.Tensor]) -> bool:
-    # one host sync for the whole list, not one per tensor
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return finite(*tensors)  # one host sync for the whole list
 
 
 attach = DDP.attach  # what `dtrain train` calls: DDP(ctx.optimizer, ctx.comm, cfg.algo)

@@ -167,14 +167,17 @@ class Comm(ABC):
         self.stats.messages += 2 * (self.world_size - 1)
         if self.world_size == 1 or not tensors:
             return None
-        flat = _flatten(tensors)
+        # One contiguous 1-D tensor (a caller's own bucket) is reduced where it lies: no copy out and back.
+        single = len(tensors) == 1 and tensors[0].dim() == 1 and tensors[0].is_contiguous()
+        flat = tensors[0].detach() if single else _flatten(tensors)
         finish_reduce = self._timed(lambda: self._all_reduce(flat, op))
 
         def finish(timeout: float | None) -> None:
             finish_reduce(timeout)
             if op == "mean":
                 flat.div_(self.world_size)
-            _unflatten_into(flat, tensors)
+            if not single:
+                _unflatten_into(flat, tensors)
 
         return finish
 

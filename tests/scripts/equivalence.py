@@ -1,4 +1,5 @@
-"""Run under torchrun: DDP and DiLoCo against single-process references computed on rank 0.
+"""Run under torchrun: DDP and DiLoCo against single-process references computed on rank 0 (DDP also
+against torch's DistributedDataParallel on the same batches).
 
 usage: equivalence.py {ddp|diloco} OUT.json
 Each rank trains a small MLP with SGD on its own deterministic batches through the algorithm's
@@ -53,6 +54,15 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
     window = (comm.stats - before).as_dict()
+    torch_ddp = None
+    if which == "ddp":  # the real baseline on the same batches: torch's DistributedDataParallel
+        base, base_opt = model_and_opt()
+        wrapped = nn.parallel.DistributedDataParallel(base)
+        for step in range(STEPS):
+            loss_of(wrapped, *batch(step, rank)).backward()
+            base_opt.step()
+            base_opt.zero_grad()
+        torch_ddp = max((a - b).abs().max().item() for a, b in zip(model.parameters(), base.parameters()))
     if rank == 0:
         if which == "ddp":
             ref, ref_opt = model_and_opt()
@@ -79,7 +89,7 @@ def main() -> None:
             ref = workers[0]
         diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ref.parameters()))
         moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), model_and_opt()[0].parameters()))
-        json.dump({"max_abs_diff": diff, "moved": moved, "world_size": n, "steps": STEPS, "H": H, "window": window}, open(out, "w"))
+        json.dump({"max_abs_diff": diff, "moved": moved, "torch_ddp_diff": torch_ddp, "world_size": n, "steps": STEPS, "H": H, "window": window}, open(out, "w"))
     comm.close()
 
 
