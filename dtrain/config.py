@@ -39,6 +39,7 @@ ALGORITHMS = {
     "ddp": "dtrain.algorithms.ddp",
     "diloco": "dtrain.algorithms.diloco",
     "noloco": "dtrain.algorithms.noloco",
+    "streaming_diloco": "dtrain.algorithms.streaming",
     "hdet": "dtrain.algorithms.hdet",
     "spsa": "dtrain.algorithms.spsa",
 }

@@ -13,22 +13,26 @@ import pytest
 import torch
 
 from dtrain import config
-from dtrain.algorithms import ddp, diloco, local_only, noloco
+from dtrain.algorithms import ddp, diloco, local_only, noloco, streaming
 from dtrain.algorithms.base import AttachContext
 from dtrain.comm.local import LocalGroup, run_local
 from dtrain.config import ConfigError
 
-MODULES = {"ddp": ddp, "diloco": diloco, "noloco": noloco, "none": local_only}
-CLASSES = {"ddp": ddp.DDP, "diloco": diloco.DiLoCo, "noloco": noloco.NoLoCo, "none": local_only.LocalOnly}
-CONTEXT_ARGS = {"noloco": {"seed", "total_steps"}}  # facts of the run that attach passes, not options
+MODULES = {"ddp": ddp, "diloco": diloco, "noloco": noloco, "none": local_only, "streaming_diloco": streaming}
+CLASSES = {"ddp": ddp.DDP, "diloco": diloco.DiLoCo, "noloco": noloco.NoLoCo, "none": local_only.LocalOnly,
+           "streaming_diloco": streaming.StreamingDiLoCo}
+# facts of the run that attach passes, not options
+CONTEXT_ARGS = {"noloco": {"seed", "total_steps"}, "streaming_diloco": {"model", "total_steps"}}
 
 
 def _opt(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-    return torch.optim.SGD((model or torch.nn.Linear(3, 1)).parameters(), lr=0.1)
+    # four tensors: enough for streaming_diloco's default of 4 fragments
+    return torch.optim.SGD((model or torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))).parameters(), lr=0.1)
 
 
-def _ctx(opt: torch.optim.Optimizer, comm, *, seed: int = 0, total_steps: int = 300) -> AttachContext:
-    model = torch.nn.Module()
+def _ctx(opt: torch.optim.Optimizer, comm, *, seed: int = 0, total_steps: int = 300,
+         model: torch.nn.Module | None = None) -> AttachContext:
+    model = model or torch.nn.Module()
     return AttachContext(model=model, optimizer=opt, comm=comm, seed=seed, total_steps=total_steps, lr=0.1)
 
 
@@ -119,7 +123,7 @@ def _run(name: str, overrides: list[str], *, workers: int, steps: int = 12, slow
     def work(comm):
         model = _model(comm.rank, dtype_of_second=dtype_of_second)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        algo = module.attach(cfg.algo, _ctx(opt, comm, seed=cfg.seed, total_steps=steps)).algorithm
+        algo = module.attach(cfg.algo, _ctx(opt, comm, seed=cfg.seed, total_steps=steps, model=model)).algorithm
         w_true = torch.linspace(-1, 1, 6)
         g = torch.Generator().manual_seed(100 + comm.rank)
         trace = []
@@ -163,6 +167,21 @@ KEY_CASES = [
     ("diloco", "algo.robust=median", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.robust_trim=0.4", ["algo.sync_every=3", "algo.robust=trimmed_mean"], 5, None),
     ("diloco", "algo.robust_norm_bound=1.0", ["algo.sync_every=3"], 3, None),
+    ("diloco", "algo.compression=int8", ["algo.sync_every=3"], 3, None),
+    ("diloco", "algo.error_feedback=true", ["algo.sync_every=3", "algo.compression=int4"], 3, None),
+    ("diloco", "algo.block_size=4", ["algo.sync_every=3", "algo.compression=int4"], 3, None),
+    ("diloco", "algo.topk_density=0.5", ["algo.sync_every=3", "algo.compression=topk"], 3, None),
+    ("diloco", "algo.topk_chunk=8", ["algo.sync_every=3", "algo.compression=topk"], 3, None),
+    ("diloco", "algo.topk_value_bits=4", ["algo.sync_every=3", "algo.compression=topk", "algo.topk_density=0.5"], 3, None),
+    ("diloco", "algo.outer_device=cpu", ["algo.sync_every=3"], 3, None),  # on a CPU machine: only the report says so
+    *[("streaming_diloco", item, ["algo.sync_every=4", "algo.fragments=2", *base], 3, None) for item, base in [
+        ("algo.sync_every=6", []), ("algo.outer_lr=0.4", []), ("algo.outer_momentum=0.5", []),
+        ("algo.nesterov=false", []), ("algo.fragments=1", []), ("algo.fragment_paths=[0,2]", []),
+        ("algo.overlap_steps=0", []), ("algo.mix_alpha=0.0", []), ("algo.broadcast_init=false", []),
+        ("algo.compression=int8", []), ("algo.error_feedback=true", ["algo.compression=int4"]),
+        ("algo.block_size=4", ["algo.compression=int4"]), ("algo.topk_density=0.5", ["algo.compression=topk"]),
+        ("algo.topk_chunk=8", ["algo.compression=topk"]), ("algo.topk_value_bits=4", ["algo.compression=topk", "algo.topk_density=0.5"]),
+        ("algo.outer_device=cpu", [])]],
     ("noloco", "algo.sync_every=4", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.outer_lr=0.9", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.outer_momentum=0.3", ["algo.sync_every=3"], 4, None),

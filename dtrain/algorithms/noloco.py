@@ -61,7 +61,7 @@ import torch
 
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.noloco_layout import HeldLayout
-from dtrain.algorithms.noloco_compress import MODES, DecodeError, decode, encode
+from dtrain.algorithms.compress import MODES, DecodeError, decode, encode
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype, degenerate
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
 from dtrain.comm.flat import flatten, group_by_dtype, split_like

@@ -10,8 +10,16 @@ from different backends compare):
 - ``bytes_sent`` / ``bytes_recv``: bytes this worker puts on / takes off the
   wire. all_reduce counts a ring all-reduce, 2(N-1)/N of the buffer each way;
   exchange counts the buffer once each way; all_gather_bytes counts the payload
-  once to each of the N-1 others; broadcast counts the buffer N-1 times out of
-  the source and once into every other worker.
+  once to each of the N-1 others (so does all_gather, which rides on it);
+  broadcast counts the buffer N-1 times out of the source and once into every
+  other worker.
+- Compressed outer updates (`dtrain.algorithms.compress`): codecs whose payloads
+  an all-reduce can sum (none, bf16) go through all_reduce in the wire dtype;
+  the others (int8, int4, topk: scales, packed codes and indices) cannot be
+  summed on the wire, so every worker all-gathers the encoded payloads and
+  decodes and sums them locally in fp32. A worker then sends its c payload
+  bytes to each of the N-1 others, (N-1)·c, against 2(N-1)/N·b for a ring
+  all-reduce of the b uncompressed bytes: a codec saves bytes when c < 2b/N.
 - ``messages``: point-to-point messages sent by this worker.
 - ``collectives``: all_reduce, broadcast, barrier and all_gather_bytes calls; an all_reduce or
   broadcast of mixed dtypes runs (and counts) one collective per dtype group, each counted as
@@ -251,8 +259,8 @@ class Comm(ABC):
         return out
 
     def all_gather(
-        self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False
-    ) -> list[list[torch.Tensor]]:
+        self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False, async_op: bool = False
+    ) -> list[list[torch.Tensor]] | Handle:
         """Every worker's ``tensors`` (same shapes and dtypes on every worker), indexed by rank.
 
         Sent as the raw bytes of one flat buffer (mixed dtypes: each dtype group's bytes in turn) over `all_gather_bytes` (counted there), so every
@@ -260,13 +268,47 @@ class Comm(ABC):
         `check_received`; ``finite=False`` lets non-finite values through). A bad one raises
         BadPeerData naming the peer, or with ``skip_bad`` gets an empty entry, as a rank that took
         no part does (an elastic backend's gone or dropped peer). Our own entry is a copy.
+        ``async_op``: returns a Handle whose ``wait()`` gives that list (backends that cannot
+        overlap an all-gather finish it before returning the handle).
         """
         tensors = list(tensors)
         if not tensors:
             raise ValueError("all_gather needs at least one tensor")
         flat = pack(tensors).contiguous()
+        payload = flat.cpu().view(torch.uint8).numpy().tobytes()
+        if not async_op:
+            return self._gathered(self.all_gather_bytes(payload), flat, tensors, finite=finite, skip_bad=skip_bad)
+        finish_bytes = self._start_all_gather_bytes(payload)
+        return Handle(self.stats, lambda t: self._gathered(finish_bytes(t), flat, tensors, finite=finite, skip_bad=skip_bad))
+
+    def _start_all_gather_bytes(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
+        """`all_gather_bytes` started (counted the same way); the finisher returns the payloads.
+        Every worker's payload has the same length here (`all_gather` of equal shapes)."""
+        self.stats.collectives += 1
+        self.stats.payload_bytes += len(payload)
+        others = self.world_size - 1
+        self.stats.bytes_sent += len(payload) * others
+        self.stats.messages += others
+        if self.world_size == 1:
+            return lambda _t: [payload]
+        finish = self._timed(lambda: self._all_gather_bytes_async(payload))
+
+        def done(timeout: float | None) -> list[bytes]:
+            out = finish(timeout)
+            self.stats.bytes_recv += sum(len(p) for i, p in enumerate(out) if i != self.rank)
+            return out
+
+        return done
+
+    def _all_gather_bytes_async(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
+        """Start gathering equal-length payloads; default: gather now (the caller counts the wait)."""
+        out = self._all_gather_bytes(payload)
+        return lambda _t: out
+
+    def _gathered(self, blobs: list[bytes], flat: torch.Tensor, tensors: list[torch.Tensor], *, finite: bool,
+                  skip_bad: bool) -> list[list[torch.Tensor]]:
+        """`all_gather`'s received byte strings, checked and unpacked (see there)."""
         nbytes = flat.numel() * flat.element_size()
-        blobs = self.all_gather_bytes(flat.cpu().view(torch.uint8).numpy().tobytes())
         out: list[list[torch.Tensor]] = []
         for peer, blob in enumerate(blobs):
             if peer == self.rank:
