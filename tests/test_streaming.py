@@ -1,0 +1,159 @@
+"""Streaming DiLoCo: DiLoCo bit for bit at P = 1, τ = 0, α = 0; the staggered schedule and its bytes;
+garbage from a peer skipped; exact resume from a checkpoint taken with reductions in flight (a real
+torchrun/gloo job with int4 + error feedback, resumed in a fresh process)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from dist_utils import train
+from test_noloco import TINY, _train
+
+from dtrain.algorithms.diloco import DiLoCo
+from dtrain.algorithms.streaming import StreamingDiLoCo, split_by_paths, split_even
+from dtrain.comm.base import ring_allreduce_bytes
+from dtrain.comm.local import run_local
+from dtrain.testing.faults import FaultyComm
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("codec", [{}, {"compression": "int4", "error_feedback": True}])
+def test_one_fragment_no_overlap_no_mixing_is_diloco_bit_for_bit(codec):
+    ref = run_local(3, lambda c: _train(c, lambda o, c: DiLoCo(o, c, sync_every=10, **codec)))
+    got = run_local(3, lambda c: _train(c, lambda o, c: StreamingDiLoCo(o, c, sync_every=10, fragments=1, overlap_steps=0,
+                                                                        mix_alpha=0.0, **codec)))
+    for (a, d), (b, s) in zip(ref, got):
+        assert _same(a, b)
+        assert _same(d.outer_params, s.outer.phi)
+        assert d.comm.stats.bytes_sent == s.comm.stats.bytes_sent and s.outer_syncs == d.outer_syncs == 4
+    # and the defaults (4 fragments, τ = 1, α = 0.5) are another algorithm: the test above could fail
+    other = run_local(3, lambda c: _train(c, lambda o, c: StreamingDiLoCo(o, c, sync_every=8, fragments=4, **codec)))
+    assert not _same(ref[0][0], other[0][0])
+
+
+def _train_even(comm, make_algo, *, steps: int, hook=None):
+    """Four equal 8x8 layers (four fragments of 72 values); each worker on its own data."""
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(8, 8), torch.nn.Tanh())][:-1])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    algo = make_algo(opt, comm)
+    data = torch.Generator().manual_seed(100 + comm.rank)
+    for step in range(steps):
+        hook(step)
+        x = torch.randn(16, 8, generator=data)
+        ((model(x) - x.flip(1).sin()) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], algo
+
+
+def test_fragments_are_staggered_and_peak_bytes_fall_by_p():
+    h, p, n = 8, 4, 3
+    trace: dict[int, list[int]] = {}
+
+    def work(comm):
+        sent: list[int] = []
+        out = _train_even(comm, lambda o, c: StreamingDiLoCo(o, c, sync_every=h, fragments=p, overlap_steps=1,
+                                                             broadcast_init=False),
+                          steps=33, hook=lambda step: sent.append(comm.stats.bytes_sent))
+        trace[comm.rank] = [b - a for a, b in zip(sent, sent[1:])]  # bytes sent by step 1..32
+        return out
+
+    got = run_local(n, work)
+    algo = got[0][1]
+    assert algo.report()["fragment_numel"] == [72] * 4
+    assert [algo.due(t) for t in range(1, 9)] == [None, 1, None, 2, None, 3, None, 0]
+    for t, sent in enumerate(trace[0], start=1):  # fragment q starts after step t ≡ q·H/P (mod H)
+        assert sent == (ring_allreduce_bytes(4 * 72, n) if algo.due(t) is not None else 0), t
+    diloco_round = ring_allreduce_bytes(4 * 288, n)  # what DiLoCo sends in its one sync step
+    assert algo.peak_step_bytes == ring_allreduce_bytes(4 * 72, n) <= -(-diloco_round // p)
+    assert algo.fragment_syncs == [4, 4, 4, 4]  # the start at 32 is applied at 33
+    for params, _ in got[1:]:  # every replica mixes towards the same φ, but keeps α of its own θ
+        assert not _same(params, got[0][0])
+    for a, b in zip(got[0][1].outer.phi, got[1][1].outer.phi):
+        assert torch.equal(a, b)  # the slow weights agree on every worker
+
+
+def test_fragment_splits():
+    assert split_even([128, 16, 16, 1], 2) == [[0], [1, 2, 3]]
+    assert split_even([10, 10, 10, 10], 4) == [[0], [1], [2], [3]]
+    assert split_even([1, 1, 1, 1, 1, 1], 3) == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="algo.fragments"):
+        split_even([3, 3], 3)
+    names = ["emb.weight", "h.0.w", "h.1.w", "head.weight"]
+    assert split_by_paths(names, ["emb,head", "h"]) == [[0, 3], [1, 2]]
+    with pytest.raises(ValueError, match="h.1.w"):
+        split_by_paths(names, ["emb,head", "h.0"])
+
+
+class _BadBytes(FaultyComm):
+    """Sends NaN in the last four bytes of its last wire tensor: a compressed payload's last fp32 scale."""
+
+    def _bad(self, tensors):
+        out = [t.detach().clone() for t in tensors]
+        out[-1].view(torch.uint8)[-4:] = torch.tensor([0, 0, 192, 127], dtype=torch.uint8)
+        return out
+
+
+@pytest.mark.parametrize("codec, comm_cls", [({"compression": "topk", "error_feedback": True, "topk_density": 0.25,
+                                               "topk_chunk": 16}, _BadBytes),
+                                              ({"compression": "bf16"}, FaultyComm)])
+def test_garbage_from_a_peer_never_reaches_the_weights(codec, comm_cls):
+    # Rank 1's calls 4..6 (after the broadcast: the starts at steps 12, 16, 20) carry NaN.
+    def make(o, c):
+        c = comm_cls(c, corrupt="nan", corrupt_from=4, corrupt_until=6) if c.rank == 1 else c
+        return StreamingDiLoCo(o, c, sync_every=8, fragments=2, overlap_steps=2, **codec)
+
+    got = run_local(3, lambda c: _train(c, make, steps=24))
+    for params, algo in got:
+        assert all(bool(torch.isfinite(p).all()) for p in params)
+        assert algo.fragment_skips == [1, 2] and algo.fragment_syncs == [1, 1]  # the start at 24 is still in flight
+        assert all(bool(torch.isfinite(phi).all()) for phi in algo.outer.phi)
+        assert all(bool(torch.isfinite(e).all()) for e in algo.compressor.residuals.values())
+    for a, b in zip(got[0][1].outer.phi, got[2][1].outer.phi):
+        assert torch.equal(a, b)
+
+
+def _ckpt(out, rank: int, step: int) -> dict:
+    return torch.load(out / "checkpoints" / f"rank{rank}" / f"step_{step:08d}.pt", weights_only=True)
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_int4_error_feedback_resumes_exactly_mid_overlap(tmp_path):
+    from dtrain.config import load
+    from dtrain.train import run
+
+    common = [*TINY, "steps=16", "eval_every=16", "ckpt_every=10", "optim.schedule=constant", "optim.warmup_steps=0",
+              "algo.sync_every=4", "algo.fragments=2", "algo.overlap_steps=3", "algo.compression=int4",
+              "algo.error_feedback=true"]
+    full = train(2, "configs/streaming_diloco.yaml", tmp_path / "full", *common)  # real processes over gloo
+    rep = full["workers"][0]["algorithm"]
+    assert rep["fragment_syncs"] == [4, 4] and rep["skipped_syncs"] == 0 and rep["compression"] == "int4"
+    saved = _ckpt(tmp_path / "full", 0, 10)["algorithm"]
+    assert sorted(saved["inflight"]) == [0, 1]  # both fragments' reductions were in flight at step 10
+    assert saved["compressor"]["residuals"]  # error feedback carried something
+    # Resume a copy from its step-10 checkpoint in a fresh process (two workers on the local backend:
+    # a sum of two has one order, so its numbers are gloo's bit for bit).
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed)
+    for rank in range(2):
+        (resumed / "checkpoints" / f"rank{rank}" / "step_00000016.pt").unlink()
+    (resumed / "summary.json").unlink()
+    torch.set_num_threads(1)
+    run(load("configs/streaming_diloco.yaml", [*common, f"out_dir={resumed}", "resume=true", "comm.name=local",
+                                               "comm.workers=2", "progress=false", "plot=false"]))
+    for rank in range(2):
+        a, b = _ckpt(tmp_path / "full", rank, 16), _ckpt(resumed, rank, 16)
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), f"rank {rank} {k} differs after resume"
+        assert _same(a["algorithm"]["outer_params"], b["algorithm"]["outer_params"])
+        ra, rb = a["algorithm"]["compressor"]["residuals"], b["algorithm"]["compressor"]["residuals"]
+        assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
