@@ -191,6 +191,11 @@ KEY_CASES = [
     ("noloco", "algo.phi_lead_steps=0", ["algo.sync_every=3"], 4, None),  # φ with Δ: fewer messages
     ("noloco", "algo.compression=int8", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.block_size=4", ["algo.sync_every=3", "algo.compression=int8"], 4, None),
+    ("noloco", "algo.error_feedback=true", ["algo.sync_every=3", "algo.compression=topk"], 4, None),
+    ("noloco", "algo.topk_density=0.5", ["algo.sync_every=3", "algo.compression=topk"], 4, None),
+    ("noloco", "algo.topk_chunk=8", ["algo.sync_every=3", "algo.compression=topk"], 4, None),
+    ("noloco", "algo.topk_value_bits=4", ["algo.sync_every=3", "algo.compression=topk", "algo.topk_density=0.5"], 4, None),
+    ("noloco", "algo.outer_device=cpu", ["algo.sync_every=3"], 4, None),  # on a CPU machine: only the report says so
     ("noloco", "algo.timeout_s=0.3", ["algo.sync_every=3"], 2, (1, 4, 1.5)),  # a straggler is left out
     ("noloco", "algo.broadcast_init=false", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.robust=median", ["algo.sync_every=3", "algo.group_size=4"], 4, None),
@@ -218,7 +223,10 @@ def test_a_non_default_value_changes_the_run(name, item, base, workers, slow):
 @pytest.mark.parametrize("name, overrides, key", [
     ("ddp", ["algo.robust_trim=0.4"], "algo.robust_trim"),  # only trimmed_mean trims
     ("diloco", ["algo.robust_trim=0.4"], "algo.robust_trim"),
-    ("noloco", ["algo.block_size=32"], "algo.block_size"),  # only int8 has blocks
+    ("noloco", ["algo.block_size=32"], "algo.block_size"),  # only int8/int4 have blocks
+    ("diloco", ["algo.topk_density=0.1", "algo.compression=int4"], "algo.topk_density"),  # only topk keeps a fraction
+    ("streaming_diloco", ["algo.error_feedback=true"], "algo.error_feedback"),  # nothing is lost uncompressed
+    ("diloco", ["algo.compression=int8", "algo.robust=median"], "algo.compression"),  # robust gathers full Δs
     ("noloco", ["algo.robust=median"], "algo.robust"),  # a median of a pair is its mean
 ])
 def test_a_key_that_would_be_ignored_is_refused(name, overrides, key):
