@@ -12,7 +12,8 @@ from dist_utils import train
 from test_noloco import TINY, _train
 
 from dtrain.algorithms.diloco import DiLoCo
-from dtrain.algorithms.streaming import StreamingDiLoCo, split_by_paths, split_even
+from dtrain.algorithms.fragments import split_by_paths, split_even
+from dtrain.algorithms.streaming import StreamingDiLoCo
 from dtrain.comm.base import ring_allreduce_bytes
 from dtrain.comm.local import run_local
 from dtrain.testing.faults import FaultyComm
@@ -30,6 +31,8 @@ def test_one_fragment_no_overlap_no_mixing_is_diloco_bit_for_bit(codec):
     for (a, d), (b, s) in zip(ref, got):
         assert _same(a, b)
         assert _same(d.outer_params, s.outer.phi)
+        assert _same([d.outer_optimizer.state[x]["momentum_buffer"] for x in d.outer_params],
+                     [s.outer_optimizers[0].state[x]["momentum_buffer"] for x in s.outer.views[0]])
         assert d.comm.stats.bytes_sent == s.comm.stats.bytes_sent and s.outer_syncs == d.outer_syncs == 4
     # and the defaults (4 fragments, τ = 1, α = 0.5) are another algorithm: the test above could fail
     other = run_local(3, lambda c: _train(c, lambda o, c: StreamingDiLoCo(o, c, sync_every=8, fragments=4, **codec)))
@@ -83,15 +86,18 @@ def test_fragments_are_staggered_and_peak_bytes_fall_by_p():
 
 
 def test_fragment_splits():
-    assert split_even([128, 16, 16, 1], 2) == [[0], [1, 2, 3]]
-    assert split_even([10, 10, 10, 10], 4) == [[0], [1], [2], [3]]
-    assert split_even([1, 1, 1, 1, 1, 1], 3) == [[0, 1], [2, 3], [4, 5]]
+    def tensors(*sizes):
+        return [torch.zeros(n) for n in sizes]
+
+    assert split_even(tensors(128, 16, 16, 1), 2) == [[(0, 0, 80)], [(0, 80, 128), (1, 0, 16), (2, 0, 16), (3, 0, 1)]]
+    assert split_even(tensors(10, 10, 10, 10), 4) == [[(0, 0, 10)], [(1, 0, 10)], [(2, 0, 10)], [(3, 0, 10)]]
+    assert [sum(b - a for _, a, b in f) for f in split_even(tensors(7, 100, 3), 3)] == [37, 36, 37]
     with pytest.raises(ValueError, match="algo.fragments"):
-        split_even([3, 3], 3)
+        split_even(tensors(1, 1), 3)
     names = ["emb.weight", "h.0.w", "h.1.w", "head.weight"]
-    assert split_by_paths(names, ["emb,head", "h"]) == [[0, 3], [1, 2]]
+    assert split_by_paths(names, [5, 6, 7, 8], ["emb,head", "h"]) == [[(0, 0, 5), (3, 0, 8)], [(1, 0, 6), (2, 0, 7)]]
     with pytest.raises(ValueError, match="h.1.w"):
-        split_by_paths(names, ["emb,head", "h.0"])
+        split_by_paths(names, [5, 6, 7, 8], ["emb,head", "h.0"])
 
 
 class _BadBytes(FaultyComm):

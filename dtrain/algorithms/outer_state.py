@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from dtrain.algorithms.fragments import Piece, view
+
 OUTER_DEVICES = ("same", "cpu")
 
 
@@ -36,31 +38,37 @@ def resident_bytes(tensors: Sequence[torch.Tensor]) -> dict[str, int]:
 
 
 class OuterState:
-    """φ per parameter (with Δ in ``φ.grad``) on the outer device; momentum follows φ (torch's SGD
-    allocates it beside φ)."""
+    """φ per parameter on the outer device, seen through one view per fragment piece (with Δ in the
+    view's ``.grad``); the outer momentum follows the views (torch's SGD allocates it beside them)."""
 
-    def __init__(self, params: Sequence[torch.Tensor], where: str) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], where: str, fragments: Sequence[Sequence[Piece]]) -> None:
         self.where = where
         self.phi = [outer_copy(p, where) for p in params]
-        for phi in self.phi:
-            phi.grad = torch.zeros_like(phi)
+        self.fragments = [list(f) for f in fragments]
+        self.views = [[view(self.phi[piece[0]], piece) for piece in pieces] for pieces in self.fragments]
+        for views in self.views:
+            for v in views:
+                v.grad = torch.zeros_like(v)
 
-    def grads(self, idx: Sequence[int]) -> list[torch.Tensor]:
-        return [self.phi[i].grad for i in idx]  # type: ignore[misc]
+    def grads(self, p: int) -> list[torch.Tensor]:
+        return [v.grad for v in self.views[p]]  # type: ignore[misc]
+
+    def _thetas(self, params: Sequence[torch.Tensor], p: int) -> list[torch.Tensor]:
+        return [view(params[piece[0]].detach(), piece) for piece in self.fragments[p]]
 
     @torch.no_grad()
-    def deltas(self, params: Sequence[torch.Tensor], idx: Sequence[int]) -> list[torch.Tensor]:
-        """Δ = φ − θ for the parameters ``idx``, written into (and returned as) their φ.grad."""
-        deltas = self.grads(idx)
-        torch._foreach_copy_(deltas, [self.phi[i] for i in idx])
-        torch._foreach_sub_(deltas, [params[i].detach().to(self.phi[i].device, non_blocking=True) for i in idx])
+    def deltas(self, params: Sequence[torch.Tensor], p: int) -> list[torch.Tensor]:
+        """Δ = φ − θ for fragment ``p``, written into (and returned as) its views' ``.grad``."""
+        deltas = self.grads(p)
+        torch._foreach_copy_(deltas, self.views[p])
+        torch._foreach_sub_(deltas, [t.to(v.device, non_blocking=True) for t, v in zip(self._thetas(params, p), self.views[p])])
         return deltas
 
     @torch.no_grad()
-    def mix_into(self, params: Sequence[torch.Tensor], idx: Sequence[int], alpha: float) -> None:
-        """θ ← α·θ + (1 − α)·φ for the parameters ``idx`` (α = 0: θ ← φ exactly)."""
-        thetas = [params[i].detach() for i in idx]
-        phis = [self.phi[i].to(params[i].device, non_blocking=True) for i in idx]
+    def mix_into(self, params: Sequence[torch.Tensor], p: int, alpha: float) -> None:
+        """θ ← α·θ + (1 − α)·φ for fragment ``p`` (α = 0: θ ← φ exactly)."""
+        thetas = self._thetas(params, p)
+        phis = [v.to(t.device, non_blocking=True) for v, t in zip(self.views[p], thetas)]
         if alpha == 0:
             torch._foreach_copy_(thetas, phis)
         else:
@@ -68,7 +76,7 @@ class OuterState:
 
     def report(self, extra: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
         """Bytes of outer state (φ, Δ, and ``extra``: momentum, residuals), and how many sit on an accelerator."""
-        tensors = [*self.phi, *(p.grad for p in self.phi if p.grad is not None), *extra]
+        tensors = [*self.phi, *(g for p in range(len(self.views)) for g in self.grads(p)), *extra]
         by_device = resident_bytes(tensors)
         return {"outer_device": self.where, "outer_state_bytes": sum(by_device.values()),
                 "outer_state_accelerator_bytes": sum(v for k, v in by_device.items() if k != "cpu")}

@@ -1,8 +1,8 @@
 """Streaming DiLoCo (Douillard et al. 2025): DiLoCo synced fragment by fragment, with overlap.
 
-The parameters are split into P fragments (``fragments``: an even split by size, contiguous in
-the optimizer's parameter order; or ``fragment_paths``: one entry per fragment, each a
-comma-separated list of module-path prefixes). Fragment p's outer step is due at the steps t
+The parameters are split into P fragments (`dtrain.algorithms.fragments`; ``fragments``: P runs
+of equal element count in the optimizer's parameter order, cutting tensors where needed; or
+``fragment_paths``: one entry per fragment, each a comma-separated list of module-path prefixes). Fragment p's outer step is due at the steps t
 with t ≡ p·H/P (mod H), so one fragment is on the wire at a time and the peak bytes of any one
 step fall by P. At t the worker computes Δ_p = φ_p − θ_p, starts its (non-blocking) reduction and
 keeps training; at t + τ (``overlap_steps``) it waits for the mean, steps φ_p ← OuterSGD_p(φ_p,
@@ -34,6 +34,7 @@ import torch
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor, PendingMean, resume_mean, start_mean
+from dtrain.algorithms.fragments import fragments_of
 from dtrain.algorithms.outer_state import OUTER_DEVICES, OuterState
 from dtrain.comm.base import Comm
 
@@ -83,39 +84,6 @@ class Config:
 validate = Config.validate  # dtrain.config calls it on the algo section
 
 
-def split_even(sizes: list[int], parts: int) -> list[list[int]]:
-    """Contiguous index groups of ``sizes`` whose sums are as even as cuts between items allow."""
-    if parts > len(sizes):
-        raise ValueError(f"algo.fragments={parts} exceeds the {len(sizes)} parameter tensors; lower algo.fragments")
-    total, out, start, acc = sum(sizes), [], 0, 0
-    for p in range(parts - 1):
-        target = total * (p + 1) / parts
-        end = start + 1  # at least one tensor per fragment
-        acc += sizes[start]
-        while end < len(sizes) - (parts - 1 - p) and abs(acc + sizes[end] - target) <= abs(acc - target):
-            acc += sizes[end]
-            end += 1
-        out.append(list(range(start, end)))
-        start = end
-    out.append(list(range(start, len(sizes))))
-    return out
-
-
-def split_by_paths(names: list[str], paths: list[str]) -> list[list[int]]:
-    """Index groups by module-path prefixes (first matching fragment wins); every name must match."""
-    prefixes = [[q.strip() for q in entry.split(",") if q.strip()] for entry in paths]
-    out: list[list[int]] = [[] for _ in paths]
-    for i, name in enumerate(names):
-        hit = next((p for p, pre in enumerate(prefixes) if any(name == q or name.startswith(q + ".") for q in pre)), None)
-        if hit is None:
-            raise ValueError(f"parameter {name} is in no entry of algo.fragment_paths; add its module path to one")
-        out[hit].append(i)
-    empty = [paths[p] for p, idx in enumerate(out) if not idx]
-    if empty:
-        raise ValueError(f"algo.fragment_paths entry {empty[0]!r} matches no parameter; fix or drop it")
-    return out
-
-
 class StreamingDiLoCo(Algorithm):
     """See the module docstring. ``report()`` adds per-fragment outer steps and skips."""
 
@@ -126,22 +94,15 @@ class StreamingDiLoCo(Algorithm):
         super().__init__(optimizer, comm, cfg, **overrides)
         self.total_steps = total_steps
         params = self.params
-        if self.cfg.fragment_paths:
-            if model is None:
-                raise ValueError("algo.fragment_paths needs the model's parameter names: pass model=...")
-            names = {id(p): n for n, p in model.named_parameters()}
-            self.fragments = split_by_paths([names.get(id(p), f"<unnamed {i}>") for i, p in enumerate(params)],
-                                            list(self.cfg.fragment_paths))
-        else:
-            self.fragments = split_even([p.numel() for p in params], self.cfg.fragments)
+        self.fragments = fragments_of(params, self.cfg.fragments, self.cfg.fragment_paths, model)
         if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(params, src=0)
-        self.outer = OuterState(params, self.cfg.outer_device)
+        self.outer = OuterState(params, self.cfg.outer_device, self.fragments)
         self.outer_optimizers = [
-            torch.optim.SGD([self.outer.phi[i] for i in idx], lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
+            torch.optim.SGD(self.outer.views[p], lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
                             nesterov=self.cfg.nesterov)
-            for idx in self.fragments
+            for p in range(len(self.fragments))
         ]
         self.compressor = Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
         self.inflight: dict[int, tuple[int, PendingMean]] = {}  # fragment -> (apply at step, reduction)
@@ -182,14 +143,13 @@ class StreamingDiLoCo(Algorithm):
     def _start(self, p: int, t: int) -> None:
         if p in self.inflight:  # cannot happen with overlap_steps < sync_every; kept as a guard
             self._apply(p)
-        deltas = self.outer.deltas(self.params, self.fragments[p])
+        deltas = self.outer.deltas(self.params, p)
         self.inflight[p] = (t + self.cfg.overlap_steps, start_mean(self.comm, self.compressor, deltas, f"frag{p}"))
 
     @torch.no_grad()
     def _apply(self, p: int) -> None:
         _, pending = self.inflight.pop(p)
         pending.wait_into()
-        idx = self.fragments[p]
         # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean; every worker
         # holds the same mean, so every worker skips together.
         if all(bool(torch.isfinite(d).all()) for d in pending.targets):
@@ -201,7 +161,7 @@ class StreamingDiLoCo(Algorithm):
             self.fragment_skips[p] += 1
             for key in pending.keys:
                 self.compressor.rollback(key)
-        self.outer.mix_into(self.params, idx, self.cfg.mix_alpha)
+        self.outer.mix_into(self.params, p, self.cfg.mix_alpha)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -231,13 +191,13 @@ class StreamingDiLoCo(Algorithm):
         self.inflight = {}
         for p, saved in sorted(state.get("inflight", {}).items(), key=lambda kv: (kv[1]["apply_at"], int(kv[0]))):
             p = int(p)
-            targets = self.outer.grads(self.fragments[p])
+            targets = self.outer.grads(p)
             self.inflight[p] = (int(saved["apply_at"]), resume_mean(self.comm, self.compressor.codec, saved, targets))
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs,
                 "fragment_syncs": list(self.fragment_syncs), "fragment_skips": list(self.fragment_skips),
-                "fragment_numel": [sum(self.params[i].numel() for i in idx) for idx in self.fragments],
+                "fragment_numel": [sum(b - a for _, a, b in pieces) for pieces in self.fragments],
                 "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback,
                 "compressor_resets": self.compressor.resets, **self.outer.report([*self._momenta(), *self.compressor.tensors()])}
 
