@@ -98,6 +98,7 @@ class OptimizerHook:
         self.step = 0
         self.skipped_steps = 0
         self.peak_step_bytes = 0  # most bytes this worker sent within one optimizer step (its hooks included)
+        self.step_bytes = 0  # bytes sent within optimizer steps: the algorithm's traffic, setup and loop excluded
         self._bytes_mark = self._sent_so_far()
         self._hooks = [
             optimizer.register_step_pre_hook(lambda *_: self._before()),
@@ -123,6 +124,7 @@ class OptimizerHook:
         self.after_step()
         sent = self._sent_so_far()
         self.peak_step_bytes = max(self.peak_step_bytes, sent - self._bytes_mark)
+        self.step_bytes += sent - self._bytes_mark
 
     def _sent_so_far(self) -> int:
         stats = getattr(self.comm, "stats", None)  # LISA may run without a comm
@@ -157,7 +159,7 @@ class OptimizerHook:
         self.skipped_steps = int(state["skipped_steps"])
 
     def report(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "peak_step_bytes": self.peak_step_bytes}
+        return {"skipped_steps": self.skipped_steps, "peak_step_bytes": self.peak_step_bytes, "step_bytes": self.step_bytes}
 
 
 class Algorithm(OptimizerHook):

@@ -83,6 +83,7 @@ class DiLoCo(Algorithm):
         super().__init__(optimizer, comm, cfg, **overrides)
         self.outer_syncs = 0
         self.skipped_syncs = 0  # outer steps skipped on every worker: the mean Δ was not finite
+        self.outer_blocked_s = 0.0  # seconds blocked in the outer steps' own communication
         self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
         self.tracker = Tracker("diloco", self.robust)
         self.compressor = Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
@@ -158,8 +159,10 @@ class DiLoCo(Algorithm):
         if self.robust.active:
             self._robust_mean(deltas)
         else:
+            blocked = self.comm.stats.blocked_s
             pending = start_mean(self.comm, self.compressor, deltas, "delta")
             pending.wait_into()
+            self.outer_blocked_s += self.comm.stats.blocked_s - blocked
             keys = pending.keys
         # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean.
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
@@ -242,6 +245,7 @@ class DiLoCo(Algorithm):
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {**super().report(), "outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs,
                                "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback,
+                               "outer_blocked_s": self.outer_blocked_s,
                                **self._resident()}
         if self.robust.active:
             out["robust"] = self.tracker.report()

@@ -108,6 +108,7 @@ class StreamingDiLoCo(Algorithm):
         self.inflight: dict[int, tuple[int, PendingMean]] = {}  # fragment -> (apply at step, reduction)
         self.fragment_syncs = [0] * len(self.fragments)  # outer steps applied, per fragment
         self.fragment_skips = [0] * len(self.fragments)  # outer steps skipped on every worker (mean not finite)
+        self.outer_blocked_s = 0.0  # seconds blocked starting and finishing the fragments' reductions
 
     @property
     def outer_syncs(self) -> int:
@@ -144,12 +145,16 @@ class StreamingDiLoCo(Algorithm):
         if p in self.inflight:  # cannot happen with overlap_steps < sync_every; kept as a guard
             self._apply(p)
         deltas = self.outer.deltas(self.params, p)
+        blocked = self.comm.stats.blocked_s
         self.inflight[p] = (t + self.cfg.overlap_steps, start_mean(self.comm, self.compressor, deltas, f"frag{p}"))
+        self.outer_blocked_s += self.comm.stats.blocked_s - blocked
 
     @torch.no_grad()
     def _apply(self, p: int) -> None:
         _, pending = self.inflight.pop(p)
+        blocked = self.comm.stats.blocked_s
         pending.wait_into()
+        self.outer_blocked_s += self.comm.stats.blocked_s - blocked
         # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean; every worker
         # holds the same mean, so every worker skips together.
         if all(bool(torch.isfinite(d).all()) for d in pending.targets):
@@ -199,6 +204,7 @@ class StreamingDiLoCo(Algorithm):
                 "fragment_syncs": list(self.fragment_syncs), "fragment_skips": list(self.fragment_skips),
                 "fragment_numel": [sum(b - a for _, a, b in pieces) for pieces in self.fragments],
                 "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback,
+                "outer_blocked_s": self.outer_blocked_s,
                 "compressor_resets": self.compressor.resets, **self.outer.report([*self._momenta(), *self.compressor.tensors()])}
 
     def _momenta(self) -> list[torch.Tensor]:
