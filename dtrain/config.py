@@ -40,6 +40,7 @@ ALGORITHMS = {
     "diloco": "dtrain.algorithms.diloco",
     "noloco": "dtrain.algorithms.noloco",
     "streaming_diloco": "dtrain.algorithms.streaming",
+    "streaming_noloco": "dtrain.algorithms.streaming_noloco",
     "hdet": "dtrain.algorithms.hdet",
     "spsa": "dtrain.algorithms.spsa",
 }

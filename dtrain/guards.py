@@ -51,7 +51,7 @@ def skipped_updates(algo: Any) -> int:
     return int(getattr(algo, "skipped_steps", 0)) + int(getattr(algo, "skipped_syncs", 0))
 
 
-MULTI_WORKER = ("ddp", "diloco", "noloco", "hdet", "streaming_diloco")  # methods that do nothing a single worker would not
+MULTI_WORKER = ("ddp", "diloco", "noloco", "hdet", "streaming_diloco", "streaming_noloco")  # methods that do nothing a single worker would not
 
 
 def warn_noops(cfg: DictConfig, world: int, workload: Any, notes: RunNotes) -> None:

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from dtrain import config
-from dtrain.algorithms import ddp, diloco, local_only, noloco, streaming
+from dtrain.algorithms import ddp, diloco, local_only, noloco, streaming, streaming_noloco
 from dtrain.algorithms.base import AttachContext
 from dtrain.comm.local import LocalGroup, run_local
 from dtrain.config import ConfigError
 
-MODULES = {"ddp": ddp, "diloco": diloco, "noloco": noloco, "none": local_only, "streaming_diloco": streaming}
+MODULES = {"ddp": ddp, "diloco": diloco, "noloco": noloco, "none": local_only, "streaming_diloco": streaming,
+           "streaming_noloco": streaming_noloco}
 CLASSES = {"ddp": ddp.DDP, "diloco": diloco.DiLoCo, "noloco": noloco.NoLoCo, "none": local_only.LocalOnly,
-           "streaming_diloco": streaming.StreamingDiLoCo}
+           "streaming_diloco": streaming.StreamingDiLoCo, "streaming_noloco": streaming_noloco.StreamingNoLoCo}
 # facts of the run that attach passes, not options
-CONTEXT_ARGS = {"noloco": {"seed", "total_steps"}, "streaming_diloco": {"model", "total_steps"}}
+CONTEXT_ARGS = {"noloco": {"seed", "total_steps"}, "streaming_diloco": {"model", "total_steps"},
+                "streaming_noloco": {"seed", "model", "total_steps"}}
 
 
 def _opt(model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -135,7 +137,7 @@ def _run(name: str, overrides: list[str], *, workers: int, steps: int = 12, slow
             opt.step()
             opt.zero_grad()
             trace.append((comm.stats.bytes_sent, comm.stats.messages, comm.stats.collectives))
-        if name == "noloco":
+        if name in ("noloco", "streaming_noloco"):
             comm.barrier()  # lets a late partner finish its last exchange with us
         report = {k: v for k, v in algo.report().items() if not k.endswith("_s")}  # timings vary run to run
         return {"params": [p.detach().clone() for p in model.parameters()], "trace": trace, "report": report,
@@ -182,6 +184,16 @@ KEY_CASES = [
         ("algo.block_size=4", ["algo.compression=int4"]), ("algo.topk_density=0.5", ["algo.compression=topk"]),
         ("algo.topk_chunk=8", ["algo.compression=topk"]), ("algo.topk_value_bits=4", ["algo.compression=topk", "algo.topk_density=0.5"]),
         ("algo.outer_device=cpu", [])]],
+    *[("streaming_noloco", item, ["algo.sync_every=4", "algo.fragments=2", *base], 4, slow) for item, base, slow in [
+        ("algo.sync_every=6", [], None), ("algo.outer_lr=0.9", [], None), ("algo.outer_momentum=0.3", [], None),
+        ("algo.gamma=1.0", [], None), ("algo.group_size=4", [], None), ("algo.fragments=1", [], None),
+        ("algo.fragment_paths=[0,2]", [], None), ("algo.overlap_steps=0", [], None), ("algo.mix_alpha=0.0", [], None),
+        ("algo.compression=int8", [], None), ("algo.error_feedback=true", ["algo.compression=topk"], None),
+        ("algo.block_size=4", ["algo.compression=int4"], None), ("algo.topk_density=0.5", ["algo.compression=topk"], None),
+        ("algo.topk_chunk=8", ["algo.compression=topk"], None),
+        ("algo.topk_value_bits=4", ["algo.compression=topk", "algo.topk_density=0.5"], None),
+        ("algo.timeout_s=0.3", ["algo.overlap_steps=0"], (1, 4, 1.5)), ("algo.broadcast_init=false", [], None),
+        ("algo.outer_device=cpu", [], None)]],
     ("noloco", "algo.sync_every=4", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.outer_lr=0.9", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.outer_momentum=0.3", ["algo.sync_every=3"], 4, None),

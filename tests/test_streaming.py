@@ -13,7 +13,9 @@ from test_noloco import TINY, _train
 
 from dtrain.algorithms.diloco import DiLoCo
 from dtrain.algorithms.fragments import split_by_paths, split_even
+from dtrain.algorithms.noloco import NoLoCo
 from dtrain.algorithms.streaming import StreamingDiLoCo
+from dtrain.algorithms.streaming_noloco import StreamingNoLoCo
 from dtrain.comm.base import ring_allreduce_bytes
 from dtrain.comm.local import run_local
 from dtrain.testing.faults import FaultyComm
@@ -163,3 +165,61 @@ def test_torchrun_int4_error_feedback_resumes_exactly_mid_overlap(tmp_path):
         assert _same(a["algorithm"]["outer_params"], b["algorithm"]["outer_params"])
         ra, rb = a["algorithm"]["compressor"]["residuals"], b["algorithm"]["compressor"]["residuals"]
         assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+# -- Streaming NoLoCo ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", [{}, {"compression": "topk", "error_feedback": True, "topk_density": 0.1}])
+def test_streaming_noloco_one_fragment_no_overlap_is_noloco_bit_for_bit(codec):
+    ref = run_local(4, lambda c: _train(c, lambda o, c: NoLoCo(o, c, sync_every=10, seed=3, **codec)))
+    got = run_local(4, lambda c: _train(c, lambda o, c: StreamingNoLoCo(o, c, sync_every=10, seed=3, fragments=1,
+                                                                        overlap_steps=0, mix_alpha=0.0, **codec)))
+    for (a, n), (b, s) in zip(ref, got):
+        assert _same(a, b) and _same(n.phi, s.phi[0]) and _same(n.momentum, s.momentum[0])
+        assert s.outer_syncs == n.outer_syncs == 4 and s.member_failures == 0
+    other = run_local(4, lambda c: _train(c, lambda o, c: StreamingNoLoCo(o, c, sync_every=8, fragments=4, seed=3, **codec)))
+    assert not _same(ref[0][0], other[0][0])  # P = 4 with the default τ = 1, α = 0.5 is another algorithm
+
+
+def _build(comm):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    algo = StreamingNoLoCo(opt, comm, sync_every=8, seed=5, fragments=2, overlap_steps=3, compression="int4",
+                           error_feedback=True, broadcast_init=False, timeout_s=5.0)
+    return model, opt, algo
+
+
+def _steps(comm, model, opt, steps):
+    for step in steps:  # the batch depends on (rank, step) only, so a resumed loop sees the same data
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1000 * comm.rank + step))
+        ((model(x) - x.sum(1, keepdim=True).sin()) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_streaming_noloco_resumes_exactly_with_exchanges_in_flight():
+    def full(comm):
+        model, opt, algo = _build(comm)
+        _steps(comm, model, opt, range(30))
+        return [p.detach().clone() for p in model.parameters()], algo
+
+    def resumed(comm):
+        model, opt, algo = _build(comm)
+        _steps(comm, model, opt, range(13))  # fragment 1 started at step 12 is in flight until 15
+        saved = {"model": model.state_dict(), "opt": opt.state_dict(), "algo": algo.state_dict()}
+        assert sorted(saved["algo"]["inflight"]) == [1]
+        algo.remove()
+        model, opt, algo = _build(comm)  # a fresh worker: loads, and posts the exchange again
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        algo.load_state_dict(saved["algo"])
+        _steps(comm, model, opt, range(13, 30))
+        return [p.detach().clone() for p in model.parameters()], algo
+
+    ref, got = run_local(2, full), run_local(2, resumed)
+    for (a, x), (b, y) in zip(ref, got):
+        assert _same(a, b) and x.outer_syncs == y.outer_syncs == 6 and y.member_failures == 0  # 28 + τ > 30
+        assert all(_same(u, v) for u, v in zip(x.phi, y.phi))
