@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ CHAR_LM = ["workload.name=char_lm", "workload.n_layer=2", "workload.d_model=64",
            "workload.batch_size=64"]
 QUICK_MODEL = ["workload.name=char_lm", "workload.n_layer=1", "workload.d_model=32", "workload.n_head=2",
                "workload.seq_len=32", "workload.batch_size=8", "workload.eval_batches=2", "workload.eval_batch_size=8"]
+QUICK_ROWS = {"diloco", "streaming P4 tau2", "diloco topk3%+EF", "diloco int4", "noloco topk3%+EF", "streaming noloco P4 tau2"}
 TOPK = ["algo.compression=topk", "algo.topk_density=0.03", "algo.error_feedback=true"]
 INT4 = ["algo.compression=int4"]
 
@@ -51,7 +53,7 @@ def rows_for(h: int, quick: bool) -> list[tuple[str, str, str, list[str], bool]]
 
     return [
         ("diloco", "diloco", "configs/diloco.yaml", [], True),
-        ("diloco", "streaming P1 tau0", s, streaming(1, 0), False),
+        ("diloco", "streaming P1 tau0", s, streaming(1, 0), False),  # DiLoCo bit for bit (tests/test_streaming.py)
         ("diloco", f"streaming P1 tau{tau}", s, streaming(1, tau), False),
         ("diloco", "streaming P4 tau0", s, streaming(4, 0), True),
         ("diloco", f"streaming P4 tau{tau}", s, streaming(4, tau), True),
@@ -60,6 +62,7 @@ def rows_for(h: int, quick: bool) -> list[tuple[str, str, str, list[str], bool]]
         ("noloco", "noloco", "configs/noloco.yaml", [], True),
         ("noloco", "noloco topk3%+EF", "configs/noloco.yaml", TOPK, True),
         ("noloco", "noloco int4", "configs/noloco.yaml", INT4, True),
+        ("noloco", f"streaming noloco P4 tau{tau}", "configs/streaming_noloco.yaml", streaming(4, tau), False),
     ]
 
 
@@ -97,10 +100,10 @@ def run_local(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]]
     workers = 2 if args.quick else args.workers
     common = [*model, f"steps={steps}", f"eval_every={steps}", f"algo.sync_every={h}", "ckpt_every=0", "progress=false",
               "plot=false", "threads=1", "comm.name=local", f"comm.workers={workers}"]
-    seeds = [0] if args.quick else list(range(args.seeds))
+    seeds = [0] if args.quick else list(args.seed_list if args.seed_list is not None else range(args.seeds))
     out: list[dict[str, Any]] = []
     for family, label, config, extra, goal in rows_for(h, args.quick):
-        if (args.only and label not in args.only) or (args.quick and label.startswith("streaming P1")):
+        if (args.only and label not in args.only) or (args.quick and label not in QUICK_ROWS):
             continue
         for seed in seeds if goal else seeds[:1]:
             t0 = time.perf_counter()
@@ -194,8 +197,8 @@ def goals(rows: list[dict[str, Any]], wan: list[dict[str, Any]]) -> tuple[str, d
             n["loss_vs_diloco_counterpart_pct"] = gap
             own = 100 * (n["val_loss"] / by["noloco"]["val_loss"] - 1) if "noloco" in by else None
             n["loss_vs_noloco_plain_pct"] = own
-            check(f"noloco {codec}", abs(gap) <= 1.0,
-                  f"NoLoCo {codec}: {gap:+.2f}% loss vs DiLoCo {codec} (within 1%); {own:+.2f}% vs NoLoCo plain")
+            plain = f"; {own:+.2f}% vs NoLoCo plain" if own is not None else ""
+            check(f"noloco {codec}", abs(gap) <= 1.0, f"NoLoCo {codec}: {gap:+.2f}% loss vs DiLoCo {codec} (within 1%){plain}")
     if wan:
         w = mean_rows(wan)
         base = next(r for r in w if r["label"] == "diloco")
@@ -224,12 +227,14 @@ def wan_table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 workers, 16 steps, no WAN part (smoke run)")
-    parser.add_argument("--part", choices=["local", "wan", "all"], default="all")
+    parser.add_argument("--part", choices=["local", "wan", "all", "none"], default="all")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--sync-every", type=int, default=32, help="H (a multiple of 4 for P = 4)")
     parser.add_argument("--outer-steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=2, help="seeds for the rows a goal depends on")
     parser.add_argument("--only", nargs="*", help="run only these row labels")
+    parser.add_argument("--seed-list", type=int, nargs="*", help="these seeds (goal rows; other rows: the first)")
+    parser.add_argument("--merge", type=Path, nargs="*", help="combine the local rows of these earlier --out files")
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--wan-outer-steps", type=int, default=10)
@@ -237,11 +242,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the other part's results already in --out")
     args = parser.parse_args()
-    command = " ".join(["python benchmarks/streaming.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/streaming.py", *sys.argv[1:]])
     payload: dict[str, Any] = {"command": command}
     if args.keep and args.out and args.out.exists():
         payload = {**json.loads(args.out.read_text()), "command": command}
     text, local, wan = [], payload.get("local", []), payload.get("wan", [])
+    for path in args.merge or []:  # parts run side by side as separate processes
+        part = json.loads(path.read_text())
+        local += part["local"]
+        payload.setdefault("local_setup", {**part["local_setup"], "seeds": []})
+        payload["local_setup"]["seeds"] = sorted({*payload["local_setup"]["seeds"], *part["local_setup"]["seeds"]})
+        previous = [c for c in payload.get("commands", "").split(" ; ") if c]
+        payload["commands"] = " ; ".join(dict.fromkeys([*previous, *part.get("commands", part["command"]).split(" ; ")]))
+    args.part = "none" if args.merge else args.part
     with tempfile.TemporaryDirectory(prefix="dtrain-bench-streaming-") as tmp:
         if args.part in ("local", "all"):
             local, payload["local_setup"] = run_local(args, Path(tmp))

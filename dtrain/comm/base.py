@@ -42,26 +42,11 @@ import torch
 # flatten and dtype grouping live in dtrain.comm.flat (flat_nbytes is re-exported for existing callers)
 from dtrain.comm.flat import flat_nbytes, group_by_dtype, pack, unpack
 from dtrain.comm.flat import flatten as _flatten
+from dtrain.comm.received import BadPeerData, CommError, PeerTimeout, check_received  # noqa: F401 - re-exported
+from dtrain.comm.received import unpack_checked as _unpack_checked
 from dtrain.comm.flat import unflatten_into as _unflatten_into
 
 REDUCE_OPS = ("mean", "sum", "min", "max")
-
-
-class CommError(RuntimeError):
-    """A communication call failed (peer gone, transport closed)."""
-
-
-class PeerTimeout(CommError):
-    """A peer did not answer within the timeout; the caller may skip it for this round."""
-
-
-class BadPeerData(CommError):
-    """A peer sent data that failed validation (shape, dtype, non-finite, length)."""
-
-    def __init__(self, peer: int, reason: str) -> None:
-        super().__init__(f"peer {peer} sent bad data: {reason}")
-        self.peer = peer
-        self.reason = reason
 
 
 @dataclass
@@ -110,16 +95,6 @@ class Handle:
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
     return 0 if world_size <= 1 else math.ceil(2 * (world_size - 1) * nbytes / world_size)
-
-
-def check_received(peer: int, got: torch.Tensor, like: torch.Tensor, *, finite: bool = True) -> None:
-    """Validate a tensor that arrived from ``peer`` against the local one it must match."""
-    if got.shape != like.shape:
-        raise BadPeerData(peer, f"shape {tuple(got.shape)} != expected {tuple(like.shape)}")
-    if got.dtype != like.dtype:
-        raise BadPeerData(peer, f"dtype {got.dtype} != expected {like.dtype}")
-    if finite and got.is_floating_point() and not bool(torch.isfinite(got).all()):
-        raise BadPeerData(peer, "non-finite values")
 
 
 class Comm(ABC):
@@ -417,13 +392,3 @@ class Comm(ABC):
 
     def _completed(self, async_op: bool) -> Handle | None:
         return Handle(self.stats, lambda _t: None) if async_op else None
-
-
-def _unpack_checked(peer: int, got: torch.Tensor, tensors: Sequence[torch.Tensor], *, finite: bool) -> list[torch.Tensor]:
-    """`unpack` of a received buffer; a packed (mixed-dtype) one is checked per tensor, since the
-    byte buffer itself says nothing about finiteness."""
-    parts = unpack(got, tensors)
-    if got.dtype == torch.uint8 and len(group_by_dtype(tensors)) > 1:
-        for piece, like in zip(parts, tensors):
-            check_received(peer, piece, like, finite=finite)
-    return parts
