@@ -123,6 +123,7 @@ def run_wan(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], 
     runs = [("diloco", "configs/diloco.yaml", []),
             ("streaming P4 tau5", "configs/streaming_diloco.yaml", ["algo.fragments=4", "algo.overlap_steps=5", "algo.mix_alpha=0.5"]),
             ("streaming P4 tau1", "configs/streaming_diloco.yaml", ["algo.fragments=4", "algo.overlap_steps=1", "algo.mix_alpha=0.5"])]
+    runs = [r for r in runs if not args.wan_only or r[0] in args.wan_only]
     wan = [sys.executable, str(REPO / "launchers" / "wan.py"), "--workers", str(args.workers), "--rate", args.rate,
            "--delay-ms", str(args.delay_ms)]
     probe = subprocess.run([*wan[:3], "2", *wan[4:], "--probe"], capture_output=True, text=True, timeout=300).stdout.strip()
@@ -239,6 +240,7 @@ def main() -> int:
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--wan-outer-steps", type=int, default=10)
     parser.add_argument("--wan-repeats", type=int, default=2)
+    parser.add_argument("--wan-only", nargs="*", help="run only these WAN row labels (diloco is the reference)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the other part's results already in --out")
     args = parser.parse_args()

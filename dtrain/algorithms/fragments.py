@@ -10,10 +10,27 @@ when single tensors are larger than 1/P; a piece covering a whole tensor is that
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 Piece = tuple[int, int, int]  # (parameter index, start, end) of the parameter's flat view
+
+
+def check_schedule(cfg: Any) -> None:
+    """The fragment and overlap keys of Streaming DiLoCo/NoLoCo: one-line ValueErrors naming the key."""
+    if cfg.fragments < 1:
+        raise ValueError(f"algo.fragments must be >= 1, got {cfg.fragments}")
+    if cfg.fragment_paths and len(cfg.fragment_paths) != cfg.fragments:
+        raise ValueError(f"algo.fragment_paths lists {len(cfg.fragment_paths)} fragments but algo.fragments="
+                         f"{cfg.fragments}; set algo.fragments={len(cfg.fragment_paths)}")
+    if cfg.sync_every % cfg.fragments:
+        raise ValueError(f"algo.sync_every={cfg.sync_every} must be a multiple of algo.fragments={cfg.fragments} "
+                         "(fragments are due every sync_every/fragments steps)")
+    if not 0 <= cfg.overlap_steps < cfg.sync_every:
+        raise ValueError(f"algo.overlap_steps must be in [0, algo.sync_every={cfg.sync_every}), got {cfg.overlap_steps}")
+    if not 0 <= cfg.mix_alpha < 1:
+        raise ValueError(f"algo.mix_alpha must be in [0, 1), got {cfg.mix_alpha}")
 
 
 def split_even(params: Sequence[torch.Tensor], parts: int) -> list[list[Piece]]:

@@ -65,7 +65,8 @@ import torch
 
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.noloco_layout import HeldLayout
-from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, groups_for_round
+from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of
+from dtrain.algorithms.noloco_math import groups_for_round  # noqa: F401 - re-exported for callers of noloco
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, Codec, DecodeError, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor
 from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy
@@ -198,11 +199,7 @@ class NoLoCo(HeldLayout, Algorithm):
 
     # -- one outer step --------------------------------------------------------------------
     def _group(self, round_: int) -> list[int]:
-        rank = self.comm.rank
-        for g in groups_for_round(self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size):
-            if rank in g:
-                return [j for j in g if j != rank]
-        return []
+        return group_of(self.comm.rank, self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size)
 
     def _wire(self, flats: Flats, kind: str) -> list[torch.Tensor]:
         """Each dtype group's vector as it goes on the wire (Δ through error feedback when on); the error

@@ -59,6 +59,14 @@ def groups_for_round(members: Sequence[int], round_: int, *, seed: int, group_si
     return [sorted(g) for g in groups]
 
 
+def group_of(rank: int, members: Sequence[int], round_: int, *, seed: int, group_size: int) -> list[int]:
+    """The other members of ``rank``'s group in round ``round_`` (empty if ``rank`` is not a member)."""
+    for g in groups_for_round(members, round_, seed=seed, group_size=group_size):
+        if rank in g:
+            return [j for j in g if j != rank]
+    return []
+
+
 def gossip_update(phi: Flats, momentum: Flats, delta: Flats, received: dict[int, tuple[Flats, Flats]], *, rank: int,
                   alpha: float, beta: float, gamma: float) -> None:
     """φ and δ in place from own ``delta`` and the members' (Δ_j, φ_j) in ``received``.

@@ -34,7 +34,7 @@ import torch
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor, PendingMean, resume_mean, start_mean
-from dtrain.algorithms.fragments import fragments_of
+from dtrain.algorithms.fragments import check_schedule, fragments_of
 from dtrain.algorithms.outer_state import OUTER_DEVICES, OuterState
 from dtrain.comm.base import Comm
 
@@ -64,18 +64,7 @@ class Config:
         check_outer_step(self)
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("algo.nesterov=true needs algo.outer_momentum > 0 (set algo.nesterov=false)")
-        if self.fragments < 1:
-            raise ValueError(f"algo.fragments must be >= 1, got {self.fragments}")
-        if self.fragment_paths and len(self.fragment_paths) != self.fragments:
-            raise ValueError(f"algo.fragment_paths lists {len(self.fragment_paths)} fragments but algo.fragments="
-                             f"{self.fragments}; set algo.fragments={len(self.fragment_paths)}")
-        if self.sync_every % self.fragments:
-            raise ValueError(f"algo.sync_every={self.sync_every} must be a multiple of algo.fragments={self.fragments} "
-                             "(fragments are due every sync_every/fragments steps)")
-        if not 0 <= self.overlap_steps < self.sync_every:
-            raise ValueError(f"algo.overlap_steps must be in [0, algo.sync_every={self.sync_every}), got {self.overlap_steps}")
-        if not 0 <= self.mix_alpha < 1:
-            raise ValueError(f"algo.mix_alpha must be in [0, 1), got {self.mix_alpha}")
+        check_schedule(self)
         check_compression(self)
         if self.outer_device not in OUTER_DEVICES:
             raise ValueError(f"algo.outer_device must be one of {list(OUTER_DEVICES)}, got {self.outer_device!r}")

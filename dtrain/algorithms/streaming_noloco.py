@@ -27,8 +27,8 @@ import torch
 
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, Codec, DecodeError, check_compression, codec_of
-from dtrain.algorithms.fragments import fragments_of, view
-from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, groups_for_round
+from dtrain.algorithms.fragments import check_schedule, fragments_of, view
+from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of
 from dtrain.algorithms.outer_reduce import Compressor
 from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, resident_bytes
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
@@ -63,17 +63,7 @@ class Config:
         """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
         check_outer_step(self)
         check_gossip(self)
-        if self.fragments < 1:
-            raise ValueError(f"algo.fragments must be >= 1, got {self.fragments}")
-        if self.fragment_paths and len(self.fragment_paths) != self.fragments:
-            raise ValueError(f"algo.fragment_paths lists {len(self.fragment_paths)} fragments but algo.fragments="
-                             f"{self.fragments}; set algo.fragments={len(self.fragment_paths)}")
-        if self.sync_every % self.fragments:
-            raise ValueError(f"algo.sync_every={self.sync_every} must be a multiple of algo.fragments={self.fragments}")
-        if not 0 <= self.overlap_steps < self.sync_every:
-            raise ValueError(f"algo.overlap_steps must be in [0, algo.sync_every={self.sync_every}), got {self.overlap_steps}")
-        if not 0 <= self.mix_alpha < 1:
-            raise ValueError(f"algo.mix_alpha must be in [0, 1), got {self.mix_alpha}")
+        check_schedule(self)
         check_compression(self)
         if self.outer_device not in OUTER_DEVICES:
             raise ValueError(f"algo.outer_device must be one of {list(OUTER_DEVICES)}, got {self.outer_device!r}")
@@ -161,11 +151,7 @@ class StreamingNoLoCo(Algorithm):
                 self._apply(due[0])
 
     def _group(self, round_: int) -> list[int]:
-        rank = self.comm.rank
-        for g in groups_for_round(self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size):
-            if rank in g:
-                return [j for j in g if j != rank]
-        return []
+        return group_of(self.comm.rank, self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size)
 
     def _tag(self, p: int, round_: int) -> int:
         return 2 * (round_ * len(self.fragments) + p) + 1  # P = 1: NoLoCo's Δ tag of the round

@@ -221,17 +221,7 @@ class Comm(ABC):
         """Every worker's ``payload`` (tiny messages), indexed by rank. Never unpickled."""
         if not isinstance(payload, (bytes, bytearray)):
             raise TypeError(f"all_gather_bytes takes bytes, got {type(payload).__name__}")
-        payload = bytes(payload)
-        self.stats.collectives += 1
-        self.stats.payload_bytes += len(payload)
-        others = self.world_size - 1
-        self.stats.bytes_sent += len(payload) * others
-        self.stats.messages += others
-        if self.world_size == 1:
-            return [payload]
-        out = self._timed(lambda: self._all_gather_bytes(payload))
-        self.stats.bytes_recv += sum(len(p) for i, p in enumerate(out) if i != self.rank)
-        return out
+        return self._start_all_gather_bytes(bytes(payload), equal_lengths=False)(None)
 
     def all_gather(
         self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False, async_op: bool = False
@@ -253,12 +243,12 @@ class Comm(ABC):
         payload = flat.cpu().view(torch.uint8).numpy().tobytes()
         if not async_op:
             return self._gathered(self.all_gather_bytes(payload), flat, tensors, finite=finite, skip_bad=skip_bad)
-        finish_bytes = self._start_all_gather_bytes(payload)
+        finish_bytes = self._start_all_gather_bytes(payload, equal_lengths=True)
         return Handle(self.stats, lambda t: self._gathered(finish_bytes(t), flat, tensors, finite=finite, skip_bad=skip_bad))
 
-    def _start_all_gather_bytes(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
-        """`all_gather_bytes` started (counted the same way); the finisher returns the payloads.
-        Every worker's payload has the same length here (`all_gather` of equal shapes)."""
+    def _start_all_gather_bytes(self, payload: bytes, *, equal_lengths: bool) -> Callable[[float | None], list[bytes]]:
+        """Count and start a gather of every worker's payload; the finisher returns them. With
+        ``equal_lengths`` (`all_gather` of equal shapes) a backend may overlap it with compute."""
         self.stats.collectives += 1
         self.stats.payload_bytes += len(payload)
         others = self.world_size - 1
@@ -266,7 +256,8 @@ class Comm(ABC):
         self.stats.messages += others
         if self.world_size == 1:
             return lambda _t: [payload]
-        finish = self._timed(lambda: self._all_gather_bytes_async(payload))
+        start = self._all_gather_bytes_async if equal_lengths else self._gather_now
+        finish = self._timed(lambda: start(payload))
 
         def done(timeout: float | None) -> list[bytes]:
             out = finish(timeout)
@@ -277,6 +268,9 @@ class Comm(ABC):
 
     def _all_gather_bytes_async(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
         """Start gathering equal-length payloads; default: gather now (the caller counts the wait)."""
+        return self._gather_now(payload)
+
+    def _gather_now(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
         out = self._all_gather_bytes(payload)
         return lambda _t: out
 
