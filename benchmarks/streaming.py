@@ -1,6 +1,6 @@
 """Streaming DiLoCo and compressed outer updates, for DiLoCo and NoLoCo, at equal tokens.
 
-Part ``local`` (4 workers as threads of one process, comm.name=local; loss and bytes):
+Part ``local`` (4 workers under torchrun, gloo on loopback; ``--quick``: threads of one process; loss and bytes):
   DiLoCo; Streaming DiLoCo with P in {1, 4} fragments and overlap tau in {0, 5} (alpha 0 without
   overlap, 0.5 with it); DiLoCo with top-k 3% (2-bit values) + error feedback and with 4-bit
   (int4, E3M0-style); NoLoCo, plain and with the same two codecs. Per row: final validation loss
@@ -10,6 +10,9 @@ Part ``local`` (4 workers as threads of one process, comm.name=local; loss and b
 Part ``wan`` (real processes: one torchrun per network namespace, launchers/wan.py, 100 Mbit/s +
   50 ms one way, root needed): DiLoCo against Streaming DiLoCo (P = 4, tau = 5, alpha = 0.5), seconds
   each worker was blocked in the outer steps' own communication (and in all communication).
+
+Part ``memory``: the outer state each algorithm keeps per worker with ``outer_device=same`` and
+``=cpu``: its bytes, the bytes on an accelerator, and (with CUDA) the accelerator's peak allocation.
 
 Workload: configs/frontier.yaml when it exists, else char_lm with 2 layers, d_model 64 (137k
 parameters) and 64 sequences of 64 bytes per worker and step; the JSON names the one used.
@@ -90,6 +93,7 @@ def summarise(label: str, family: str, seed: int, summary: dict[str, Any]) -> di
 def run_local(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     import torch
 
+    from common import torchrun_train
     from dtrain.config import load
     from dtrain.train import run
 
@@ -99,7 +103,7 @@ def run_local(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]]
     steps = 2 * h if args.quick else args.outer_steps * h
     workers = 2 if args.quick else args.workers
     common = [*model, f"steps={steps}", f"eval_every={steps}", f"algo.sync_every={h}", "ckpt_every=0", "progress=false",
-              "plot=false", "threads=1", "comm.name=local", f"comm.workers={workers}"]
+              "plot=false", "threads=1"]
     seeds = [0] if args.quick else list(args.seed_list if args.seed_list is not None else range(args.seeds))
     out: list[dict[str, Any]] = []
     for family, label, config, extra, goal in rows_for(h, args.quick):
@@ -107,8 +111,13 @@ def run_local(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]]
             continue
         for seed in seeds if goal else seeds[:1]:
             t0 = time.perf_counter()
-            cfg = load(config, [*common, *extra, f"seed={seed}", f"out_dir={tmp / f'{label}-{seed}'.replace(' ', '_')}"])
-            out.append(summarise(label, family, seed, run(cfg)))
+            out_dir = tmp / f"{label}-{seed}".replace(" ", "_")
+            if args.quick:  # threads of this process: no start-up cost
+                summary = run(load(config, [*common, *extra, f"seed={seed}", f"out_dir={out_dir}", "comm.name=local",
+                                            f"comm.workers={workers}"]))
+            else:  # one process per worker (torchrun, gloo on loopback): four threads of one process share its GIL
+                summary = torchrun_train(workers, config, out_dir, [*common, *extra, f"seed={seed}"])
+            out.append(summarise(label, family, seed, summary))
             print(f"[local] {label} seed {seed}: val_loss {out[-1]['val_loss']:.4f} ({time.perf_counter() - t0:.0f}s)",
                   file=sys.stderr, flush=True)
     setup = {"workload": name, "workers": workers, "steps": steps, "sync_every": h, "outer_steps": steps // h, "seeds": seeds}
@@ -144,6 +153,60 @@ def run_wan(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], 
     setup = {"workload": name, "workers": args.workers, "steps": steps, "sync_every": h, "rate": args.rate,
              "delay_ms": args.delay_ms, "probe": probe, "repeats": args.wan_repeats}
     return out, setup
+
+
+MEMORY_ALGOS = [("diloco", {}), ("streaming_diloco", {"fragments": 4, "overlap_steps": 0}),
+                ("noloco", {}), ("streaming_noloco", {"fragments": 4, "overlap_steps": 0})]
+
+
+def run_memory(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Outer state per worker with outer_device=same and =cpu: its bytes, those on an accelerator and,
+    where CUDA exists, the accelerator's peak allocation over two steps with one outer step."""
+    import torch
+
+    from dtrain.algorithms import diloco, noloco, streaming, streaming_noloco
+    from dtrain.comm.local import LocalGroup
+    from dtrain.config import load
+    from dtrain.workloads import char_lm
+
+    classes = {"diloco": diloco.DiLoCo, "streaming_diloco": streaming.StreamingDiLoCo, "noloco": noloco.NoLoCo,
+               "streaming_noloco": streaming_noloco.StreamingNoLoCo}
+    model_keys, name = workload(args.quick)
+    wl = char_lm.build(load(None, model_keys).workload, seed=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for algo, kw in MEMORY_ALGOS:
+        for where in ("same", "cpu"):
+            model = wl.build_model().to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            hook = classes[algo](opt, LocalGroup(1).comm(0), sync_every=4, outer_device=where, **kw)
+            for step in range(4):
+                batch = [t.to(device) for t in wl.train_batch(step, 0, 1)]
+                wl.loss(model, batch).backward()
+                opt.step()
+                opt.zero_grad()
+            rep = hook.report()
+            peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            out.append({"algo": algo, "outer_device": where, "outer_state_bytes": rep["outer_state_bytes"],
+                        "outer_state_accelerator_bytes": rep["outer_state_accelerator_bytes"], "accelerator_peak_bytes": peak,
+                        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+            hook.remove()
+    return out, {"workload": name, "device": str(device)}
+
+
+def memory_table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
+    lines = [f"outer state per worker ({setup['workload']}; parameters on {setup['device']}"
+             + ("" if setup["device"].startswith("cuda") else "; no accelerator here: the accelerator column is bookkeeping "
+                "of where each tensor lives, the peak allocation is unmeasured") + ")",
+             f"{'algorithm':<18} {'outer_device':>12} {'outer state KB':>14} {'on accelerator KB':>17} {'x params':>8} {'peak alloc MB':>13}"]
+    for r in rows:
+        peak = f"{r['accelerator_peak_bytes'] / 1e6:13.2f}" if r["accelerator_peak_bytes"] is not None else f"{'-':>13}"
+        lines.append(f"{r['algo']:<18} {r['outer_device']:>12} {r['outer_state_bytes'] / 1e3:14.1f} "
+                     f"{r['outer_state_accelerator_bytes'] / 1e3:17.1f} {r['outer_state_bytes'] / r['param_bytes']:8.2f} {peak}")
+    return "\n".join(lines)
 
 
 def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,7 +291,7 @@ def wan_table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 workers, 16 steps, no WAN part (smoke run)")
-    parser.add_argument("--part", choices=["local", "wan", "all", "none"], default="all")
+    parser.add_argument("--part", choices=["local", "wan", "memory", "all", "none"], default="all")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--sync-every", type=int, default=32, help="H (a multiple of 4 for P = 4)")
     parser.add_argument("--outer-steps", type=int, default=30)
@@ -263,13 +326,17 @@ def main() -> int:
         if local:
             table, averaged = local_table(mean_rows(local))
             setup = payload["local_setup"]
-            text += [f"{setup['workload']}; {setup['workers']} workers (local backend); {setup['steps']} steps, H={setup['sync_every']} "
+            text += [f"{setup['workload']}; {setup['workers']} workers; {setup['steps']} steps, H={setup['sync_every']} "
                      f"({setup['outer_steps']} outer steps); seeds {setup['seeds']} on the goal rows", table]
             payload["local"], payload["local_mean"] = local, averaged
         if args.part in ("wan", "all") and not args.quick:
             wan, payload["wan_setup"] = run_wan(args, Path(tmp))
         if wan:
             text.append(wan_table(wan, payload["wan_setup"]))
+        if args.part in ("memory", "all"):
+            payload["memory"], payload["memory_setup"] = run_memory(args)
+        if payload.get("memory"):
+            text.append(memory_table(payload["memory"], payload["memory_setup"]))
             payload["wan"] = wan
     summary, payload["goals"] = goals(payload.get("local_mean", []), wan)
     text.append(summary)

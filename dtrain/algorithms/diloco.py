@@ -32,7 +32,7 @@ import torch
 from dtrain.algorithms.base import Algorithm, check_outer_step
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor, start_mean
-from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, resident_bytes
+from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
@@ -235,12 +235,9 @@ class DiLoCo(Algorithm):
         self.compressor.load_state_dict(state.get("compressor"))
 
     def _resident(self) -> dict[str, Any]:
-        """Bytes of outer state (φ, Δ, momentum, residuals) and how many of them sit on an accelerator."""
         momenta = [st["momentum_buffer"] for st in self.outer_optimizer.state.values() if st.get("momentum_buffer") is not None]
         grads = [phi.grad for phi in self.outer_params if phi.grad is not None]
-        by_device = resident_bytes([*self.outer_params, *grads, *momenta, *self.compressor.tensors()])
-        return {"outer_device": self.cfg.outer_device, "outer_state_bytes": sum(by_device.values()),
-                "outer_state_accelerator_bytes": sum(v for k, v in by_device.items() if k != "cpu")}
+        return state_report(self.cfg.outer_device, [*self.outer_params, *grads, *momenta, *self.compressor.tensors()])
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {**super().report(), "outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs,

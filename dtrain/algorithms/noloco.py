@@ -69,7 +69,7 @@ from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, 
 from dtrain.algorithms.noloco_math import groups_for_round  # noqa: F401 - re-exported for callers of noloco
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, Codec, DecodeError, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor
-from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy
+from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype, degenerate
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
 from dtrain.comm.flat import flatten, group_by_dtype, split_like
@@ -371,7 +371,8 @@ class NoLoCo(HeldLayout, Algorithm):
             **super().report(),
             "outer_syncs": self.outer_syncs, "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
             "phi_wait_s": self.phi_wait_s, "delta_wait_s": self.delta_wait_s, "abandoned_exchanges": self.abandoned_exchanges,
-            "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback, "outer_device": self.cfg.outer_device,
+            "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback,
+            **state_report(self.cfg.outer_device, [*self.phi, *self.momentum, *self.compressor.tensors()]),
             "groups": [[r, g] for r, g in self.group_log],
             "wire_rel_error_delta": self.wire_error["delta"] / rounds, "wire_rel_error_phi": self.wire_error["phi"] / rounds,
             **({"robust": self.tracker.report()} if self.robust.active else {}),

@@ -37,6 +37,13 @@ def resident_bytes(tensors: Sequence[torch.Tensor]) -> dict[str, int]:
     return out
 
 
+def state_report(where: str, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """``report()`` keys: where outer state lives, its bytes, and how many of them sit on an accelerator."""
+    by_device = resident_bytes(tensors)
+    return {"outer_device": where, "outer_state_bytes": sum(by_device.values()),
+            "outer_state_accelerator_bytes": sum(v for k, v in by_device.items() if k != "cpu")}
+
+
 class OuterState:
     """φ per parameter on the outer device, seen through one view per fragment piece (with Δ in the
     view's ``.grad``); the outer momentum follows the views (torch's SGD allocates it beside them)."""
@@ -75,8 +82,5 @@ class OuterState:
             torch._foreach_lerp_(thetas, phis, 1.0 - alpha)
 
     def report(self, extra: Sequence[torch.Tensor] = ()) -> dict[str, Any]:
-        """Bytes of outer state (φ, Δ, and ``extra``: momentum, residuals), and how many sit on an accelerator."""
-        tensors = [*self.phi, *(g for p in range(len(self.views)) for g in self.grads(p)), *extra]
-        by_device = resident_bytes(tensors)
-        return {"outer_device": self.where, "outer_state_bytes": sum(by_device.values()),
-                "outer_state_accelerator_bytes": sum(v for k, v in by_device.items() if k != "cpu")}
+        """`state_report` of φ, Δ and ``extra`` (momentum, residuals)."""
+        return state_report(self.where, [*self.phi, *(g for p in range(len(self.views)) for g in self.grads(p)), *extra])

@@ -30,7 +30,7 @@ from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, Codec, Deco
 from dtrain.algorithms.fragments import check_schedule, fragments_of, view
 from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of
 from dtrain.algorithms.outer_reduce import Compressor
-from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, resident_bytes
+from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
 from dtrain.comm.flat import flatten, group_by_dtype, split_like
 
@@ -250,14 +250,12 @@ class StreamingNoLoCo(Algorithm):
 
     def report(self) -> dict[str, Any]:
         state = [t for fs in (*self.phi, *self.momentum) for t in fs] + self.compressor.tensors()
-        by_device = resident_bytes(state)
         return {**super().report(), "outer_syncs": self.outer_syncs, "fragment_syncs": list(self.fragment_syncs),
                 "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
                 "outer_blocked_s": self.outer_blocked_s, "compression": self.cfg.compression,
-                "error_feedback": self.cfg.error_feedback, "outer_device": self.cfg.outer_device,
+                "error_feedback": self.cfg.error_feedback,
                 "fragment_numel": [sum(b - a for _, a, b in pieces) for pieces in self.fragments],
-                "outer_state_bytes": sum(by_device.values()),
-                "outer_state_accelerator_bytes": sum(v for k, v in by_device.items() if k != "cpu")}
+                **state_report(self.cfg.outer_device, state)}
 
 
 attach = StreamingNoLoCo.attach
