@@ -39,6 +39,8 @@ ALGORITHMS = {
     "ddp": "dtrain.algorithms.ddp",
     "diloco": "dtrain.algorithms.diloco",
     "noloco": "dtrain.algorithms.noloco",
+    "streaming_diloco": "dtrain.algorithms.streaming",
+    "streaming_noloco": "dtrain.algorithms.streaming_noloco",
     "hdet": "dtrain.algorithms.hdet",
     "spsa": "dtrain.algorithms.spsa",
 }

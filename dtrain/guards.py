@@ -51,7 +51,7 @@ def skipped_updates(algo: Any) -> int:
     return int(getattr(algo, "skipped_steps", 0)) + int(getattr(algo, "skipped_syncs", 0))
 
 
-MULTI_WORKER = ("ddp", "diloco", "noloco", "hdet")  # methods that do nothing a single worker would not
+MULTI_WORKER = ("ddp", "diloco", "noloco", "hdet", "streaming_diloco", "streaming_noloco")  # methods that do nothing a single worker would not
 
 
 def warn_noops(cfg: DictConfig, world: int, workload: Any, notes: RunNotes) -> None:
@@ -63,6 +63,9 @@ def warn_noops(cfg: DictConfig, world: int, workload: Any, notes: RunNotes) -> N
         if every and every > cfg.steps:
             notes.warn(f"algo.{key}={every} > steps={cfg.steps}: no worker ever communicates, so this run is "
                        f"{world} independent local trainings; lower algo.{key} or raise steps")
+    if cfg.algo.get("outer_device") == "cpu" and not torch.cuda.is_available():
+        notes.warn("algo.outer_device=cpu on a machine without CUDA: the parameters are in host memory already, "
+                   "so the outer state stays where it was; drop algo.outer_device here")
     if world == 1 and cfg.algo.name in MULTI_WORKER and not elastic(cfg):
         notes.warn(f"algo.name={cfg.algo.name} with 1 worker does what plain local training does; "
                    "launch several workers (torchrun --nproc-per-node N, or comm.name=local comm.workers=N)")

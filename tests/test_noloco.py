@@ -14,7 +14,7 @@ from dist_utils import torchrun, train
 
 from dtrain.algorithms.diloco import DiLoCo
 from dtrain.algorithms.noloco import Config, NoLoCo, groups_for_round, validate
-from dtrain.algorithms.noloco_compress import decode, encode, wire_numel
+from dtrain.algorithms.compress import decode, encode, wire_numel
 from dtrain.comm.local import run_local
 
 TINY = ["workload.n_layer=1", "workload.d_model=32", "workload.n_head=2", "workload.seq_len=32",

@@ -97,8 +97,11 @@ class OptimizerHook:
         self.comm = comm
         self.step = 0
         self.skipped_steps = 0
+        self.peak_step_bytes = 0  # most bytes this worker sent within one optimizer step (its hooks included)
+        self.step_bytes = 0  # bytes sent within optimizer steps: the algorithm's traffic, setup and loop excluded
+        self._bytes_mark = self._sent_so_far()
         self._hooks = [
-            optimizer.register_step_pre_hook(lambda *_: self.before_step()),
+            optimizer.register_step_pre_hook(lambda *_: self._before()),
             optimizer.register_step_post_hook(lambda *_: self._after()),
         ]
 
@@ -112,9 +115,20 @@ class OptimizerHook:
     def after_step(self) -> None:
         pass
 
+    def _before(self) -> None:
+        self._bytes_mark = self._sent_so_far()
+        self.before_step()
+
     def _after(self) -> None:
         self.step += 1
         self.after_step()
+        sent = self._sent_so_far()
+        self.peak_step_bytes = max(self.peak_step_bytes, sent - self._bytes_mark)
+        self.step_bytes += sent - self._bytes_mark
+
+    def _sent_so_far(self) -> int:
+        stats = getattr(self.comm, "stats", None)  # LISA may run without a comm
+        return 0 if stats is None else int(stats.bytes_sent)
 
     def skip_update(self) -> None:
         """Make the pending ``optimizer.step()`` a no-op on parameters (grads set to None)."""
@@ -145,7 +159,7 @@ class OptimizerHook:
         self.skipped_steps = int(state["skipped_steps"])
 
     def report(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps}
+        return {"skipped_steps": self.skipped_steps, "peak_step_bytes": self.peak_step_bytes, "step_bytes": self.step_bytes}
 
 
 class Algorithm(OptimizerHook):

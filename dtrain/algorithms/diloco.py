@@ -13,6 +13,13 @@ not finite is left out of that round and named in ``report()["robust"]``.
 
 Mixed-dtype models (fp32 and bf16 parameters): φ, its outer momentum and Δ are kept per
 parameter in that parameter's dtype, and the comm reduces each dtype group in its own precision.
+
+``outer_device="cpu"`` keeps φ, Δ and the outer momentum in host memory (`dtrain.algorithms.outer_state`).
+
+``compression`` (`dtrain.algorithms.compress`: bf16, int8, int4, topk) sends Δ encoded, one vector
+per dtype group, optionally with ``error_feedback`` (`dtrain.algorithms.outer_reduce`); codecs an
+all-reduce cannot sum are all-gathered and summed in fp32 on every worker. A peer's payload that
+does not decode makes that mean NaN on every worker, so the outer step is skipped as above.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import Algorithm, check_outer_step
+from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
+from dtrain.algorithms.outer_reduce import Compressor, start_mean
+from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
@@ -38,6 +48,13 @@ class Config:
     robust: str = "none"  # none | trimmed_mean | median (coordinate-wise, over every worker's Δ)
     robust_trim: float = DEFAULT_TRIM  # trimmed_mean: fraction dropped at each end
     robust_norm_bound: float = 0.0  # 0 = off; else clip a Δ to this multiple of the median Δ norm
+    compression: str = "none"  # none | bf16 | int8 | int4 | topk (dtrain.algorithms.compress)
+    error_feedback: bool = False  # carry what compression dropped into the next outer step
+    block_size: int = DEFAULT_BLOCK  # int8/int4: elements per fp32 scale
+    topk_density: float = TOPK_DEFAULTS["topk_density"]  # topk: fraction of each chunk sent
+    topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]  # topk: elements per chunk
+    topk_value_bits: int = TOPK_DEFAULTS["topk_value_bits"]  # topk: 2 or 4 bits per kept value
+    outer_device: str = "same"  # same (the parameters' device) | cpu (φ, momentum and Δ in host memory)
 
     def validate(self) -> None:
         """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
@@ -45,6 +62,12 @@ class Config:
         if self.nesterov and self.outer_momentum == 0:
             raise ValueError("algo.nesterov=true needs algo.outer_momentum > 0 (set algo.nesterov=false)")
         check_options(self.robust, self.robust_trim, self.robust_norm_bound)
+        check_compression(self)
+        if self.outer_device not in OUTER_DEVICES:
+            raise ValueError(f"algo.outer_device must be one of {list(OUTER_DEVICES)}, got {self.outer_device!r}")
+        if self.compression != "none" and (self.robust != "none" or self.robust_norm_bound > 0):
+            raise ValueError(f"algo.compression={self.compression} cannot be combined with robust aggregation, which "
+                             "gathers every worker's full Δ; drop one of them")
 
 
 validate = Config.validate  # dtrain.config calls it on the algo section
@@ -60,14 +83,16 @@ class DiLoCo(Algorithm):
         super().__init__(optimizer, comm, cfg, **overrides)
         self.outer_syncs = 0
         self.skipped_syncs = 0  # outer steps skipped on every worker: the mean Δ was not finite
+        self.outer_blocked_s = 0.0  # seconds blocked in the outer steps' own communication
         self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
         self.tracker = Tracker("diloco", self.robust)
+        self.compressor = Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
         params = self.params
         if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(params, src=0)
         # φ: the slow weights, a copy of the fast weights at the last sync; outer grads live in φ.grad.
-        self.outer_params = [p.detach().clone() for p in params]
+        self.outer_params = [outer_copy(p, self.cfg.outer_device) for p in params]
         for phi in self.outer_params:
             phi.grad = torch.zeros_like(phi)
         self.outer_optimizer = torch.optim.SGD(
@@ -110,7 +135,7 @@ class DiLoCo(Algorithm):
             self._release_at_sync.discard(i)
             if not self.held[i]:
                 phi = self.outer_params[i]
-                phi.data = p.detach().clone()
+                phi.data = outer_copy(p, self.cfg.outer_device)
                 phi.grad = torch.zeros_like(phi)
                 self.held[i] = True
 
@@ -129,18 +154,27 @@ class DiLoCo(Algorithm):
         outer = [self.outer_params[i] for i in held]
         deltas = [phi.grad for phi in outer]
         torch._foreach_copy_(deltas, outer)
-        torch._foreach_sub_(deltas, [p.detach() for p in params])
+        torch._foreach_sub_(deltas, [p.detach().to(phi.device, non_blocking=True) for p, phi in zip(params, outer)])
+        keys: list[str] = []
         if self.robust.active:
             self._robust_mean(deltas)
         else:
-            self.comm.all_reduce(deltas, op="mean")
+            blocked = self.comm.stats.blocked_s
+            pending = start_mean(self.comm, self.compressor, deltas, "delta")
+            pending.wait_into()
+            self.outer_blocked_s += self.comm.stats.blocked_s - blocked
+            keys = pending.keys
         # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean.
         if not all(bool(torch.isfinite(d).all()) for d in deltas):
             # Every worker sees the same reduced Δ, so every worker skips together.
             self.skipped_syncs += 1
+            for key in keys:
+                self.compressor.rollback(key)
         else:
             self.outer_optimizer.step()
             self.outer_syncs += 1
+            for key in keys:
+                self.compressor.settle(key)
         torch._foreach_copy_([p.detach() for p in params], outer)
         for i in sorted(self._release_at_sync):
             self._drop(i)
@@ -175,7 +209,7 @@ class DiLoCo(Algorithm):
             "outer_params": [phi.detach().clone() for phi in self.outer_params],  # a released φ: empty
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "held": list(self.held), "release_at_sync": sorted(self._release_at_sync), "synced": self._synced,
-            "robust": self.tracker.state_dict(),
+            "robust": self.tracker.state_dict(), "compressor": self.compressor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,9 +232,18 @@ class DiLoCo(Algorithm):
         self._synced = bool(state.get("synced", self.step % self.sync_every == 0))
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self.tracker.load_state_dict(state.get("robust"))
+        self.compressor.load_state_dict(state.get("compressor"))
+
+    def _resident(self) -> dict[str, Any]:
+        momenta = [st["momentum_buffer"] for st in self.outer_optimizer.state.values() if st.get("momentum_buffer") is not None]
+        grads = [phi.grad for phi in self.outer_params if phi.grad is not None]
+        return state_report(self.cfg.outer_device, [*self.outer_params, *grads, *momenta, *self.compressor.tensors()])
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {**super().report(), "outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs}
+        out: dict[str, Any] = {**super().report(), "outer_syncs": self.outer_syncs, "skipped_syncs": self.skipped_syncs,
+                               "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback,
+                               "outer_blocked_s": self.outer_blocked_s,
+                               **self._resident()}
         if self.robust.active:
             out["robust"] = self.tracker.report()
         return out

@@ -18,7 +18,11 @@ Choices beyond the paper's code, each documented where it lives:
 - groups of n > 2 exchange pairwise inside the group (each member with every other member);
 - φ does not change between outer steps, so its exchange is started ``phi_lead_steps`` inner
   steps early (-1: right after the previous outer step) and overlaps compute; 0 sends φ with Δ;
-- optional bf16 / int8 (per-block scale) wire format, with the error it adds measured each round;
+- optional compressed wire (`dtrain.algorithms.compress`: bf16, int8, int4, topk), with the error it
+  adds measured each round; int4 and topk apply to Δ only (φ is weights, not a change, and goes
+  int8 then); with ``error_feedback`` Δ carries its residual and our own term in the means is our
+  decoded wire, so both partners average the same values;
+- ``outer_device="cpu"``: φ and δ in host memory (`dtrain.algorithms.outer_state`);
 - φ and δ are kept per dtype group of the parameters, in that dtype (float64 stays exact; a
   bf16 parameter keeps bf16 φ, as under DiLoCo), and sent in it without compression; the comm
   carries every dtype group of one message together;
@@ -61,16 +65,18 @@ import torch
 
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
 from dtrain.algorithms.noloco_layout import HeldLayout
-from dtrain.algorithms.noloco_compress import MODES, DecodeError, decode, encode
+from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of
+from dtrain.algorithms.noloco_math import groups_for_round  # noqa: F401 - re-exported for callers of noloco
+from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, Codec, DecodeError, check_compression, codec_of
+from dtrain.algorithms.outer_reduce import Compressor
+from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype, degenerate
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
 from dtrain.comm.flat import flatten, group_by_dtype, split_like
-from dtrain.seeding import generator
 
 log = logging.getLogger(__name__)
 
 _PHI, _DELTA = 0, 1  # tag = 2 * round + kind keeps φ and Δ of a round (and rounds) apart
-DEFAULT_BLOCK = 64
 
 
 @dataclass
@@ -82,8 +88,13 @@ class Config:
     gamma: float | None = None  # γ, pull towards the group's mean φ; None = outer_lr
     group_size: int = 2  # n; a worker left alone joins the previous group
     phi_lead_steps: int = -1  # start φ's exchange this many steps before the outer step; -1 = whole round, 0 = with Δ
-    compression: str = "none"  # none | bf16 | int8 (per-block fp32 scale)
-    block_size: int = DEFAULT_BLOCK  # int8 elements per scale (only with compression=int8)
+    compression: str = "none"  # none | bf16 | int8 | int4 | topk (Δ; φ goes int8 under int4/topk)
+    error_feedback: bool = False  # carry what compression dropped from Δ into the next round
+    block_size: int = DEFAULT_BLOCK  # int8/int4 elements per scale
+    topk_density: float = TOPK_DEFAULTS["topk_density"]  # topk: fraction of each chunk sent
+    topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]  # topk: elements per chunk
+    topk_value_bits: int = TOPK_DEFAULTS["topk_value_bits"]  # topk: 2 or 4 bits per kept value
+    outer_device: str = "same"  # same (the parameters' device) | cpu (φ and δ in host memory)
     timeout_s: float = 60.0  # a member silent this long after we reach the outer step is skipped this round
     broadcast_init: bool = True  # start every worker from rank 0's weights (one setup collective)
     robust: str = "none"  # none | trimmed_mean | median over the group (needs group_size >= 3)
@@ -93,20 +104,12 @@ class Config:
     def validate(self) -> None:
         """One-line ValueError naming the key; works on a DictConfig section too (attributes only)."""
         check_outer_step(self)
-        if self.gamma is not None and self.gamma < 0:
-            raise ValueError(f"algo.gamma must be >= 0 (or null for outer_lr), got {self.gamma}")
-        if self.group_size < 2:
-            raise ValueError(f"algo.group_size must be >= 2, got {self.group_size}")
+        check_gossip(self)
         if self.phi_lead_steps < -1:
             raise ValueError(f"algo.phi_lead_steps must be >= -1 (-1 = whole round, 0 = send with Δ), got {self.phi_lead_steps}")
-        if self.compression not in MODES:
-            raise ValueError(f"algo.compression must be one of {list(MODES)}, got {self.compression!r}")
-        if self.block_size < 1:
-            raise ValueError(f"algo.block_size must be >= 1, got {self.block_size}")
-        if self.compression != "int8" and self.block_size != DEFAULT_BLOCK:
-            raise ValueError(f"algo.block_size={self.block_size} only applies to algo.compression=int8; set that or drop algo.block_size")
-        if self.timeout_s <= 0:
-            raise ValueError(f"algo.timeout_s must be > 0, got {self.timeout_s}")
+        check_compression(self)
+        if self.outer_device not in OUTER_DEVICES:
+            raise ValueError(f"algo.outer_device must be one of {list(OUTER_DEVICES)}, got {self.outer_device!r}")
         check_options(self.robust, self.robust_trim, self.robust_norm_bound)
         if self.robust != "none" and self.group_size == 2:
             raise ValueError(f"algo.robust={self.robust} needs at least 3 members, and algo.group_size=2 makes pairs; "
@@ -114,41 +117,9 @@ class Config:
         why = degenerate(Options(self.robust, self.robust_trim, self.robust_norm_bound), self.group_size)
         if why is not None:
             raise ValueError(f"{why} (algo.group_size={self.group_size})")
-        alpha, gamma = self.outer_momentum, effective_gamma(self)
-        upper = math.sqrt(2 + alpha**2)
-        if self.group_size == 2 and not alpha < gamma < upper:
-            raise ValueError(
-                f"algo.gamma={gamma:g} is outside the stability range ({alpha:g}, {upper:.4g}) that group_size 2 "
-                "needs (outer_momentum < gamma < sqrt(2 + outer_momentum^2)); set algo.gamma inside it"
-            )
 
 
 validate = Config.validate  # dtrain.config calls it on the algo section
-
-
-def effective_gamma(cfg: Config) -> float:
-    return float(cfg.outer_lr if cfg.gamma is None else cfg.gamma)
-
-
-def groups_for_round(members: Sequence[int], round_: int, *, seed: int, group_size: int) -> list[list[int]]:
-    """The round's groups: chunks of a shared-seed permutation; a lone leftover joins the last group.
-
-    A pure function of (members, round, seed, group size), so every worker computes the same
-    matching without talking. Groups are sorted by rank; every member is in exactly one group.
-    """
-    ordered = sorted(members)
-    if not ordered:
-        return []
-    perm = torch.randperm(len(ordered), generator=generator("noloco-groups", seed, round_)).tolist()
-    shuffled = [ordered[i] for i in perm]
-    n = min(group_size, len(shuffled))
-    groups = [shuffled[i : i + n] for i in range(0, len(shuffled), n)]
-    if len(groups) > 1 and len(groups[-1]) == 1:
-        groups[-2].extend(groups.pop())
-    return [sorted(g) for g in groups]
-
-
-Flats = list[torch.Tensor]  # one flat vector per dtype group of the parameters
 
 
 class NoLoCo(HeldLayout, Algorithm):
@@ -165,8 +136,12 @@ class NoLoCo(HeldLayout, Algorithm):
                 comm.broadcast(self.params, src=0)
         self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
         self.tracker = Tracker("noloco", self.robust)
+        self.codec = codec_of(self.cfg)
+        # φ is weights, not a change: a sparse or 4-bit φ would wreck the partner's mean, so it goes int8
+        self.phi_codec = self.codec if self.codec.name in ("none", "bf16", "int8") else Codec("int8", block=self.cfg.block_size)
+        self.compressor = Compressor(self.codec, error_feedback=self.cfg.error_feedback)
         self.dtype_groups = group_by_dtype(self.params)  # fixed: the optimizer's parameters
-        self.phi = self._flats(self.params)  # φ_i, per dtype group: the slow weights
+        self.phi = [self._to_outer(f) for f in self._flats(self.params)]  # φ_i, per dtype group: the slow weights
         self.momentum = [torch.zeros_like(f) for f in self.phi]  # δ_i
         self.outer_syncs = 0  # rounds done
         self.solo_rounds = 0  # rounds where no other member answered
@@ -186,6 +161,9 @@ class NoLoCo(HeldLayout, Algorithm):
     def attach(cls, cfg: Any, ctx: AttachContext) -> Attached:
         """The run seed (shared pairing) and run length come from the loop, not from ``algo.*``."""
         return Attached(algorithm=cls(ctx.optimizer, ctx.comm, cfg, seed=ctx.seed, total_steps=ctx.total_steps))
+
+    def _to_outer(self, t: torch.Tensor) -> torch.Tensor:
+        return outer_copy(t, "cpu") if self.cfg.outer_device == "cpu" and t.device.type != "cpu" else t
 
     def _flats(self, params: Sequence[torch.Tensor]) -> Flats:
         return [flatten([params[i] for i in idx]) for idx in self.dtype_groups]
@@ -221,18 +199,19 @@ class NoLoCo(HeldLayout, Algorithm):
 
     # -- one outer step --------------------------------------------------------------------
     def _group(self, round_: int) -> list[int]:
-        rank = self.comm.rank
-        for g in groups_for_round(self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size):
-            if rank in g:
-                return [j for j in g if j != rank]
-        return []
+        return group_of(self.comm.rank, self.comm.peers_in_round(round_), round_, seed=self.seed, group_size=self.cfg.group_size)
 
     def _wire(self, flats: Flats, kind: str) -> list[torch.Tensor]:
-        """Each dtype group's vector as it goes on the wire; the error compression adds is measured."""
-        mode, block = self.cfg.compression, self.cfg.block_size
-        wires = [encode(f, mode, block=block) for f in flats]
-        if mode != "none":
-            errs = [float((decode(w, f.numel(), mode, block=block) - f).norm()) for w, f in zip(wires, flats)]
+        """Each dtype group's vector as it goes on the wire (Δ through error feedback when on); the error
+        compression adds against this round's vector is measured."""
+        codec = self.codec if kind == "delta" else self.phi_codec
+        if kind == "delta":
+            wires = [self.compressor.encode(f"delta/{g}", f) for g, f in enumerate(flats)]
+        else:
+            wires = [codec.encode(f) for f in flats]
+        if codec.name != "none":
+            errs = [float((codec.decode(w, f.numel()) - f).norm()) if bool(torch.isfinite(f).all()) else 0.0
+                    for w, f in zip(wires, flats)]
             norm = math.hypot(*(float(f.norm()) for f in flats))
             self.wire_error[kind] += math.hypot(*errs) / norm if norm > 0 else 0.0
         return wires
@@ -246,8 +225,9 @@ class NoLoCo(HeldLayout, Algorithm):
                 continue  # counted as a failed member when the round finds no handle for it
         return handles
 
-    def _receive(self, handle: Handle | None, deadline: float, like: list[Flats]) -> list[Flats]:
-        """Wait (until ``deadline``) for one member's message; decode it into vectors shaped like ``like``."""
+    def _receive(self, handle: Handle | None, deadline: float, like: list[tuple[Flats, Codec]]) -> list[Flats]:
+        """Wait (until ``deadline``) for one member's message; decode it (each part by its codec) into
+        vectors shaped like ``like``."""
         if handle is None:
             raise CommError("exchange could not be started")
         try:
@@ -255,10 +235,9 @@ class NoLoCo(HeldLayout, Algorithm):
         except PeerTimeout:
             self.abandoned_exchanges += 1
             raise
-        mode, block = self.cfg.compression, self.cfg.block_size
         out, k = [], 0
-        for flats in like:
-            out.append([decode(wires[k + i], f.numel(), mode, block=block).to(f.dtype) for i, f in enumerate(flats)])
+        for flats, codec in like:
+            out.append([codec.decode(wires[k + i], f.numel()).to(f.dtype) for i, f in enumerate(flats)])
             k += len(flats)
         return out
 
@@ -266,13 +245,15 @@ class NoLoCo(HeldLayout, Algorithm):
     def sync(self, round_: int) -> None:
         """Outer step ``round_``: meet the group, update δ and φ from the members that answered, θ ← φ."""
         params = self.params
-        delta = [t - phi for t, phi in zip(self._flats(params), self.phi)]
+        delta = [t.to(phi.device, non_blocking=True) - phi for t, phi in zip(self._flats(params), self.phi)]
         others = self._group(round_)
         self.group_log = [*self.group_log[-63:], (round_, sorted([self.comm.rank, *others]))]
         separate_phi = self._lead() > 0
         if separate_phi and self._phi_round != round_:  # e.g. a loop that runs past total_steps
             self._start_phi(round_)
         payload = self._wire(delta, "delta")
+        if self.compressor.error_feedback:  # our own term is what the others receive from us
+            delta = self._own(payload, delta)
         if not separate_phi:
             payload = [*payload, *self._wire(self.phi, "phi")]
         delta_handles = self._post(others, payload, 2 * round_ + _DELTA)
@@ -284,12 +265,13 @@ class NoLoCo(HeldLayout, Algorithm):
                 if separate_phi:
                     t0 = time.perf_counter()
                     try:
-                        (phi_j,) = self._receive(phi_handles.get(j), deadline, [self.phi])
+                        (phi_j,) = self._receive(phi_handles.get(j), deadline, [(self.phi, self.phi_codec)])
                     finally:
                         self.phi_wait_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 try:
-                    got = self._receive(delta_handles.get(j), deadline, [delta] if separate_phi else [delta, self.phi])
+                    like = [(delta, self.codec)] + ([] if separate_phi else [(self.phi, self.phi_codec)])
+                    got = self._receive(delta_handles.get(j), deadline, like)
                 finally:
                     self.delta_wait_s += time.perf_counter() - t0
                 received[j] = (got[0], phi_j if separate_phi else got[1])
@@ -302,6 +284,8 @@ class NoLoCo(HeldLayout, Algorithm):
         else:
             self._update(delta, received)
         self.outer_syncs += 1
+        for g in range(len(delta)):
+            self.compressor.settle(f"delta/{g}")
         if not received and others:
             self.solo_rounds += 1
         for idx, phi in zip(self.dtype_groups, self.phi):
@@ -311,20 +295,16 @@ class NoLoCo(HeldLayout, Algorithm):
         if self._changes:  # a round boundary: the next round's φ is not sent yet
             self._apply_changes()
 
+    def _own(self, wires: list[torch.Tensor], delta: Flats) -> Flats:
+        """Our decoded Δ wire (error feedback: the mean must hold what the members receive from us)."""
+        try:
+            return [self.codec.decode(w, d.numel()).to(d.dtype) for w, d in zip(wires, delta)]
+        except DecodeError:
+            return delta  # our own Δ is not finite: it reaches the mean as it is, as without compression
+
     def _update(self, delta: Flats, received: dict[int, tuple[Flats, Flats]]) -> None:
-        # Sums in rank order, so every member that saw the same messages computes identical means.
-        members = sorted([self.comm.rank, *received])
-        alpha, beta, gamma = self.cfg.outer_momentum, self.cfg.outer_lr, self.gamma
-        for g, (phi, mom) in enumerate(zip(self.phi, self.momentum)):
-            sum_delta, sum_phi = torch.zeros_like(delta[g]), torch.zeros_like(phi)
-            for j in members:
-                d, p = (delta[g], phi) if j == self.comm.rank else (received[j][0][g], received[j][1][g])
-                sum_delta.add_(d)
-                sum_phi.add_(p)
-            count = len(members)
-            mom.mul_(alpha).add_(sum_delta.div_(count), alpha=beta)
-            mom.sub_(phi - sum_phi.div_(count), alpha=gamma)
-            phi.add_(mom)
+        gossip_update(self.phi, self.momentum, delta, received, rank=self.comm.rank, alpha=self.cfg.outer_momentum,
+                      beta=self.cfg.outer_lr, gamma=self.gamma)
 
     def _robust_update(self, delta: Flats, received: dict[int, tuple[Flats, Flats]], round_: int) -> None:
         """`_update` with robust means of Δ and of φ_j − φ_i over the group (own row included)."""
@@ -359,7 +339,7 @@ class NoLoCo(HeldLayout, Algorithm):
             **super().state_dict(),
             "outer_syncs": self.outer_syncs, "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
             "phi": [f.clone() for f in self.phi], "momentum": [m.clone() for m in self.momentum],
-            "wire_error": dict(self.wire_error), "robust": self.tracker.state_dict(),
+            "wire_error": dict(self.wire_error), "robust": self.tracker.state_dict(), "compressor": self.compressor.state_dict(),
             "held": list(self.held), "changes": {int(i): bool(h) for i, h in self._changes.items()}, "settled": self._settled,
         }
 
@@ -382,6 +362,7 @@ class NoLoCo(HeldLayout, Algorithm):
                 m.copy_(s)
         self.wire_error = {k: float(v) for k, v in state["wire_error"].items()}
         self.tracker.load_state_dict(state.get("robust"))
+        self.compressor.load_state_dict(state.get("compressor"))
         self._phi_round, self._phi_handles = -1, {}
 
     def report(self) -> dict[str, Any]:
@@ -390,7 +371,9 @@ class NoLoCo(HeldLayout, Algorithm):
             **super().report(),
             "outer_syncs": self.outer_syncs, "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
             "phi_wait_s": self.phi_wait_s, "delta_wait_s": self.delta_wait_s, "abandoned_exchanges": self.abandoned_exchanges,
-            "compression": self.cfg.compression, "groups": [[r, g] for r, g in self.group_log],
+            "compression": self.cfg.compression, "error_feedback": self.cfg.error_feedback,
+            **state_report(self.cfg.outer_device, [*self.phi, *self.momentum, *self.compressor.tensors()]),
+            "groups": [[r, g] for r, g in self.group_log],
             "wire_rel_error_delta": self.wire_error["delta"] / rounds, "wire_rel_error_phi": self.wire_error["phi"] / rounds,
             **({"robust": self.tracker.report()} if self.robust.active else {}),
         }

@@ -27,6 +27,8 @@ class HeldLayout:
     _changes: dict[int, bool]
     _settled: bool
 
+    def _to_outer(self, t: torch.Tensor) -> torch.Tensor: ...
+
     def release(self, params: list[torch.Tensor]) -> None:
         """Frozen ``params`` leave φ and δ at the next round boundary (see the module docstring)."""
         self._change(params, held=False)
@@ -63,7 +65,7 @@ class HeldLayout:
         self.held = list(held)
         kept = [i for i, h in enumerate(held) if h]
         self.dtype_groups = [[kept[k] for k in g] for g in group_by_dtype([params[i] for i in kept])] if kept else []
-        self.phi = [torch.cat([old[i][0].reshape(-1) if i in old else params[i].detach().reshape(-1) for i in idx])
+        self.phi = [torch.cat([old[i][0].reshape(-1) if i in old else self._to_outer(params[i].detach().reshape(-1)) for i in idx])
                     for idx in self.dtype_groups]
         self.momentum = [torch.cat([old[i][1].reshape(-1) if i in old else torch.zeros(params[i].numel(), dtype=params[i].dtype,
-                                    device=params[i].device) for i in idx]) for idx in self.dtype_groups]
+                                    device=self.phi[g].device) for i in idx]) for g, idx in enumerate(self.dtype_groups)]

@@ -10,8 +10,16 @@ from different backends compare):
 - ``bytes_sent`` / ``bytes_recv``: bytes this worker puts on / takes off the
   wire. all_reduce counts a ring all-reduce, 2(N-1)/N of the buffer each way;
   exchange counts the buffer once each way; all_gather_bytes counts the payload
-  once to each of the N-1 others; broadcast counts the buffer N-1 times out of
-  the source and once into every other worker.
+  once to each of the N-1 others (so does all_gather, which rides on it);
+  broadcast counts the buffer N-1 times out of the source and once into every
+  other worker.
+- Compressed outer updates (`dtrain.algorithms.compress`): codecs whose payloads
+  an all-reduce can sum (none, bf16) go through all_reduce in the wire dtype;
+  the others (int8, int4, topk: scales, packed codes and indices) cannot be
+  summed on the wire, so every worker all-gathers the encoded payloads and
+  decodes and sums them locally in fp32. A worker then sends its c payload
+  bytes to each of the N-1 others, (N-1)·c, against 2(N-1)/N·b for a ring
+  all-reduce of the b uncompressed bytes: a codec saves bytes when c < 2b/N.
 - ``messages``: point-to-point messages sent by this worker.
 - ``collectives``: all_reduce, broadcast, barrier and all_gather_bytes calls; an all_reduce or
   broadcast of mixed dtypes runs (and counts) one collective per dtype group, each counted as
@@ -34,26 +42,11 @@ import torch
 # flatten and dtype grouping live in dtrain.comm.flat (flat_nbytes is re-exported for existing callers)
 from dtrain.comm.flat import flat_nbytes, group_by_dtype, pack, unpack
 from dtrain.comm.flat import flatten as _flatten
+from dtrain.comm.received import BadPeerData, CommError, PeerTimeout, check_received  # noqa: F401 - re-exported
+from dtrain.comm.received import unpack_checked as _unpack_checked
 from dtrain.comm.flat import unflatten_into as _unflatten_into
 
 REDUCE_OPS = ("mean", "sum", "min", "max")
-
-
-class CommError(RuntimeError):
-    """A communication call failed (peer gone, transport closed)."""
-
-
-class PeerTimeout(CommError):
-    """A peer did not answer within the timeout; the caller may skip it for this round."""
-
-
-class BadPeerData(CommError):
-    """A peer sent data that failed validation (shape, dtype, non-finite, length)."""
-
-    def __init__(self, peer: int, reason: str) -> None:
-        super().__init__(f"peer {peer} sent bad data: {reason}")
-        self.peer = peer
-        self.reason = reason
 
 
 @dataclass
@@ -102,16 +95,6 @@ class Handle:
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
     return 0 if world_size <= 1 else math.ceil(2 * (world_size - 1) * nbytes / world_size)
-
-
-def check_received(peer: int, got: torch.Tensor, like: torch.Tensor, *, finite: bool = True) -> None:
-    """Validate a tensor that arrived from ``peer`` against the local one it must match."""
-    if got.shape != like.shape:
-        raise BadPeerData(peer, f"shape {tuple(got.shape)} != expected {tuple(like.shape)}")
-    if got.dtype != like.dtype:
-        raise BadPeerData(peer, f"dtype {got.dtype} != expected {like.dtype}")
-    if finite and got.is_floating_point() and not bool(torch.isfinite(got).all()):
-        raise BadPeerData(peer, "non-finite values")
 
 
 class Comm(ABC):
@@ -241,21 +224,11 @@ class Comm(ABC):
         """Every worker's ``payload`` (tiny messages), indexed by rank. Never unpickled."""
         if not isinstance(payload, (bytes, bytearray)):
             raise TypeError(f"all_gather_bytes takes bytes, got {type(payload).__name__}")
-        payload = bytes(payload)
-        self.stats.collectives += 1
-        self.stats.payload_bytes += len(payload)
-        others = self.world_size - 1
-        self.stats.bytes_sent += len(payload) * others
-        self.stats.messages += others
-        if self.world_size == 1:
-            return [payload]
-        out = self._timed(lambda: self._all_gather_bytes(payload))
-        self.stats.bytes_recv += sum(len(p) for i, p in enumerate(out) if i != self.rank)
-        return out
+        return self._start_all_gather_bytes(bytes(payload), equal_lengths=False)(None)
 
     def all_gather(
-        self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False
-    ) -> list[list[torch.Tensor]]:
+        self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False, async_op: bool = False
+    ) -> list[list[torch.Tensor]] | Handle:
         """Every worker's ``tensors`` (same shapes and dtypes on every worker), indexed by rank.
 
         Sent as the raw bytes of one flat buffer (mixed dtypes: each dtype group's bytes in turn) over `all_gather_bytes` (counted there), so every
@@ -263,13 +236,51 @@ class Comm(ABC):
         `check_received`; ``finite=False`` lets non-finite values through). A bad one raises
         BadPeerData naming the peer, or with ``skip_bad`` gets an empty entry, as a rank that took
         no part does (an elastic backend's gone or dropped peer). Our own entry is a copy.
+        ``async_op``: returns a Handle whose ``wait()`` gives that list (backends that cannot
+        overlap an all-gather finish it before returning the handle).
         """
         tensors = list(tensors)
         if not tensors:
             raise ValueError("all_gather needs at least one tensor")
         flat = pack(tensors).contiguous()
+        payload = flat.cpu().view(torch.uint8).numpy().tobytes()
+        if not async_op:
+            return self._gathered(self.all_gather_bytes(payload), flat, tensors, finite=finite, skip_bad=skip_bad)
+        finish_bytes = self._start_all_gather_bytes(payload, equal_lengths=True)
+        return Handle(self.stats, lambda t: self._gathered(finish_bytes(t), flat, tensors, finite=finite, skip_bad=skip_bad))
+
+    def _start_all_gather_bytes(self, payload: bytes, *, equal_lengths: bool) -> Callable[[float | None], list[bytes]]:
+        """Count and start a gather of every worker's payload; the finisher returns them. With
+        ``equal_lengths`` (`all_gather` of equal shapes) a backend may overlap it with compute."""
+        self.stats.collectives += 1
+        self.stats.payload_bytes += len(payload)
+        others = self.world_size - 1
+        self.stats.bytes_sent += len(payload) * others
+        self.stats.messages += others
+        if self.world_size == 1:
+            return lambda _t: [payload]
+        start = self._all_gather_bytes_async if equal_lengths else self._gather_now
+        finish = self._timed(lambda: start(payload))
+
+        def done(timeout: float | None) -> list[bytes]:
+            out = finish(timeout)
+            self.stats.bytes_recv += sum(len(p) for i, p in enumerate(out) if i != self.rank)
+            return out
+
+        return done
+
+    def _all_gather_bytes_async(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
+        """Start gathering equal-length payloads; default: gather now (the caller counts the wait)."""
+        return self._gather_now(payload)
+
+    def _gather_now(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
+        out = self._all_gather_bytes(payload)
+        return lambda _t: out
+
+    def _gathered(self, blobs: list[bytes], flat: torch.Tensor, tensors: list[torch.Tensor], *, finite: bool,
+                  skip_bad: bool) -> list[list[torch.Tensor]]:
+        """`all_gather`'s received byte strings, checked and unpacked (see there)."""
         nbytes = flat.numel() * flat.element_size()
-        blobs = self.all_gather_bytes(flat.cpu().view(torch.uint8).numpy().tobytes())
         out: list[list[torch.Tensor]] = []
         for peer, blob in enumerate(blobs):
             if peer == self.rank:
@@ -378,13 +389,3 @@ class Comm(ABC):
 
     def _completed(self, async_op: bool) -> Handle | None:
         return Handle(self.stats, lambda _t: None) if async_op else None
-
-
-def _unpack_checked(peer: int, got: torch.Tensor, tensors: Sequence[torch.Tensor], *, finite: bool) -> list[torch.Tensor]:
-    """`unpack` of a received buffer; a packed (mixed-dtype) one is checked per tensor, since the
-    byte buffer itself says nothing about finiteness."""
-    parts = unpack(got, tensors)
-    if got.dtype == torch.uint8 and len(group_by_dtype(tensors)) > 1:
-        for piece, like in zip(parts, tensors):
-            check_received(peer, piece, like, finite=finite)
-    return parts

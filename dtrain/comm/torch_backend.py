@@ -112,6 +112,20 @@ class TorchComm(Comm):
         dist.all_gather(bufs, mine, group=self.group)
         return [bytes(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, sizes)]
 
+    def _all_gather_bytes_async(self, payload: bytes) -> Callable[[float | None], list[bytes]]:
+        # Equal lengths on every rank (see Comm._start_all_gather_bytes): no length round first.
+        if not payload:
+            return lambda _t: [b""] * self.world_size
+        mine = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        bufs = [torch.empty_like(mine) for _ in range(self.world_size)]
+        work = dist.all_gather(bufs, mine, group=self.group, async_op=True)
+
+        def finish(timeout: float | None) -> list[bytes]:
+            _wait(work, timeout, "all_gather")
+            return [bytes(b.cpu().numpy().tobytes()) for b in bufs]
+
+        return finish
+
     def _exchange(self, flat: torch.Tensor, peer: int, tag: int) -> Callable[[float | None], torch.Tensor]:
         if not 0 <= peer < self.world_size:
             raise ValueError(f"peer must be in [0, {self.world_size}), got {peer}")

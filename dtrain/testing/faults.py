@@ -128,12 +128,12 @@ class FaultyComm(Comm):
         self._tick()
         return self.inner.all_gather_bytes(payload)
 
-    def all_gather(self, tensors: Sequence[torch.Tensor], *, finite: bool = True,
-                   skip_bad: bool = False) -> list[list[torch.Tensor]]:
+    def all_gather(self, tensors: Sequence[torch.Tensor], *, finite: bool = True, skip_bad: bool = False,
+                   async_op: bool = False) -> list[list[torch.Tensor]] | Handle:
         tensors = list(tensors)
         if self._tick(tensors):
             tensors = self._bad(tensors)
-        return self.inner.all_gather(tensors, finite=finite, skip_bad=skip_bad)
+        return self.inner.all_gather(tensors, finite=finite, skip_bad=skip_bad, async_op=async_op)
 
     def exchange(self, tensors: Sequence[torch.Tensor], peer: int, *, tag: int = 0, timeout: float | None = None,
                  async_op: bool = False) -> list[torch.Tensor] | Handle:
