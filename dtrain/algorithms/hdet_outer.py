@@ -54,6 +54,8 @@ def check_outer(cfg: Any) -> None:
         make_config(module.Config, None, {**options, "sync_every": int(cfg.converge_every)}, owner=cfg.outer)
     except TypeError as e:
         raise ValueError(f"algo.outer_options: {e}") from None
+    except ValueError as e:  # the outer algorithm's own check names algo.KEY: here it is algo.outer_options.KEY
+        raise ValueError(str(e).replace("algo.", "algo.outer_options.")) from None
 
 
 class OuterStep:
