@@ -41,7 +41,7 @@ from dtrain.workloads.char_lm import Config as CharConfig
 from dtrain.workloads.char_lm import build
 
 GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
-MAX_EXTRA_POINTS = 2
+MAX_EXTRA_POINTS = 1
 STARTS = (("10x high", 10.0), ("10x low", 0.1), ("best lr", 1.0))
 FORMS = {"odd": dict(grid="odd", rounds=1), "odd, 2 rounds": dict(grid="odd", rounds=2),
          "even": dict(grid="even", rounds=1)}
@@ -49,11 +49,12 @@ FORMS = {"odd": dict(grid="odd", rounds=1), "odd, 2 rounds": dict(grid="odd", ro
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--quick", action="store_true", help="40 steps, a tiny model, one seed, few rows: checks that it runs")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=None, help="JSON lines of finished runs (default: next to --out)")
+    ap.add_argument("--report-only", action="store_true", help="print the table from --cache; rows with runs missing are left out")
     args = ap.parse_args()
     steps = 40 if args.quick else args.steps
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -65,9 +66,9 @@ def main() -> None:
     workloads: dict[int, Any] = {}
     t_start = time.perf_counter()
 
-    def go(label: str, seed: int, kind: str, lr: float, **kw: Any) -> dict[str, Any]:
+    def go(label: str, seed: int, kind: str, lr: float, **kw: Any) -> dict[str, Any] | None:
         key = f"{label}|{seed}|{lr:.6e}"
-        if key not in cache:
+        if key not in cache and not args.report_only:
             if seed not in workloads:
                 workloads[seed] = build(wcfg, seed=seed)
             r = run_system(workloads[seed], kind=kind, max_lr=lr, steps=steps, seed=seed, **kw)
@@ -76,45 +77,60 @@ def main() -> None:
             if cache_path:
                 with cache_path.open("a") as f:
                     f.write(json.dumps({"key": key, "row": r}, default=str) + "\n")
-            print(f"  {label:<44} seed {seed} max_lr {lr:.2e}  val {r['val_loss']:.4f}  ({r['train_s']:.0f}s, "
+            print(f"  {label:<48} seed {seed} max_lr {lr:.2e}  val {r['val_loss']:.4f}  ({r['train_s']:.0f}s, "
                   f"{time.perf_counter() - t_start:.0f}s in)", flush=True)
-        return cache[key]
+        return cache.get(key)
 
     print(f"char_lm (n_layer={wcfg.n_layer}, d_model={wcfg.d_model}), {WORKERS} workers, {steps} steps, H = {H}, "
           f"seeds {seeds}", flush=True)
     grid = GRID[2:4] if args.quick else GRID
-    syncs = ("diloco", "noloco") if args.quick else ("diloco", "noloco", "ddp")
-    sweeps = {sync: _sweep(go, sync, grid, seeds, extend=not args.quick) for sync in syncs}
-    best = {sync: min(points, key=lambda p: p["mean"]) for sync, points in sweeps.items()}
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    best: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
+
+    def sweep(sync: str) -> bool:
+        points = _sweep(go, sync, grid, seeds, extend=not args.quick)
+        if points:
+            sweeps[sync], best[sync] = points, min(points, key=lambda p: p["mean"])
+            rows.append({"label": f"OneCycleLR+{_name(sync)} best of sweep", "ref": sync, "start": "best lr",
+                         "max_lr": best[sync]["max_lr"], "runs": best[sync]["runs"]})
+        return bool(points)
 
     def group(label: str, sync: str, start: str, factor: float, kind: str, **kw: Any) -> None:
         lr = best[sync]["max_lr"] * factor
         runs = [go(label, s, kind, lr, **kw) for s in seeds]
-        rows.append({"label": label, "ref": sync, "start": start, "max_lr": lr, "runs": runs})
+        if all(r is not None for r in runs):
+            rows.append({"label": label, "ref": sync, "start": start, "max_lr": lr, "runs": runs})
 
-    forms = {"odd": FORMS["odd"]} if args.quick else FORMS
-    for sync in ("diloco", "noloco"):
-        rows.append({"label": f"OneCycleLR+{_name(sync)} best of sweep", "ref": sync, "start": "best lr",
-                     "max_lr": best[sync]["max_lr"], "runs": best[sync]["runs"]})
-        if sync == "diloco" and not args.quick:
-            for start, factor in STARTS[:2]:
-                group(f"OneCycleLR+DiLoCo {start}", sync, start, factor, "onecycle", sync=sync)
-        for form, kw in forms.items():
-            for start, factor in STARTS:
-                group(f"HDET over {_name(sync)}, select {form}, from {start}", sync, start, factor, "hdet",
-                      hdet=select_settings(steps, outer=sync, **kw))
-    if not args.quick:
-        for outer, label in (("none", "controller, averaging"), ("diloco", "controller over DiLoCo")):
-            for start, factor in STARTS:
-                group(f"HDET {label}, from {start}", "diloco", start, factor, "hdet",
-                      hdet=controller_settings(steps, outer=outer))
-        rows.append({"label": "OneCycleLR+DDP best of sweep", "ref": "ddp", "start": "best lr",
-                     "max_lr": best["ddp"]["max_lr"], "runs": best["ddp"]["runs"]})
-        for form in ("odd", "even"):
-            for start, factor in STARTS:
-                group(f"HDET grad sync, select {form}, from {start}", "ddp", start, factor, "hdet",
-                      hdet=select_settings(steps, grad_sync=True, **FORMS[form]))
+    def select_rows(sync: str, form: str) -> None:
+        for start, factor in STARTS:
+            group(f"HDET over {_name(sync)}, select {form}, from {start}", sync, start, factor, "hdet",
+                  hdet=select_settings(steps, outer=sync, **FORMS[form]))
+
+    # in order of what the issue asks first, so that a run cut short has the rows that decide
+    if sweep("diloco"):
+        select_rows("diloco", "odd")
+    if sweep("noloco"):
+        select_rows("noloco", "odd")
+    if not args.quick and "diloco" in best:
+        for start, factor in STARTS:
+            group(f"HDET controller, averaging, from {start}", "diloco", start, factor, "hdet",
+                  hdet=controller_settings(steps, outer="none"))
+        for form in ("even", "odd, 2 rounds"):
+            select_rows("diloco", form)
+        for start, factor in STARTS[:2]:
+            group(f"OneCycleLR+DiLoCo {start}", "diloco", start, factor, "onecycle", sync="diloco")
+        for start, factor in STARTS:
+            group(f"HDET controller over DiLoCo, from {start}", "diloco", start, factor, "hdet",
+                  hdet=controller_settings(steps, outer="diloco"))
+        if "noloco" in best:
+            for form in ("even", "odd, 2 rounds"):
+                select_rows("noloco", form)
+        if sweep("ddp"):
+            for form in ("odd", "even"):
+                for start, factor in STARTS:
+                    group(f"HDET grad sync, select {form}, from {start}", "ddp", start, factor, "hdet",
+                          hdet=select_settings(steps, grad_sync=True, **FORMS[form]))
     report, verdict = _report(rows, sweeps, best, seeds, steps, wcfg, time.perf_counter() - t_start)
     print("\n" + report)
     if args.out:
@@ -135,19 +151,23 @@ def _sweep(go: Any, sync: str, grid: list[float], seeds: list[int], *, extend: b
     """Each max_lr of the grid over every seed; extended past an edge while the best mean sits on it."""
     points = []
 
-    def point(lr: float) -> None:
+    def point(lr: float) -> bool:
         runs = [go(f"OneCycleLR+{_name(sync)} sweep", s, "onecycle", lr, sync=sync) for s in seeds]
+        if any(r is None for r in runs):  # --report-only with runs missing
+            return False
         mean, std = mean_std([r["val_loss"] for r in runs])
         points.append({"max_lr": lr, "mean": mean, "std": std, "runs": runs})
+        return True
 
-    for lr in grid:
-        point(lr)
+    if not all([point(lr) for lr in grid]):
+        return []
     for _ in range(MAX_EXTRA_POINTS if extend else 0):
         lrs = sorted(p["max_lr"] for p in points)
         top = min(points, key=lambda p: p["mean"])["max_lr"]
         if top not in (lrs[0], lrs[-1]):
             break
-        point(lrs[-1] * 2 if top == lrs[-1] else lrs[0] / 2)
+        if not point(lrs[-1] * 2 if top == lrs[-1] else lrs[0] / 2):
+            break
     return sorted(points, key=lambda p: p["max_lr"])
 
 
@@ -163,7 +183,9 @@ def _report(rows: list[dict[str, Any]], sweeps: dict[str, Any], best: dict[str, 
         ref_bytes = ref["runs"][0]["bytes_sent_per_worker"]
         vals = [x["val_loss"] for x in r["runs"]]
         mean, std = mean_std(vals)
-        gap, gap_std = mean_std([100 * (v / ref["mean"] - 1) for v in vals])
+        # paired: each seed against the sweep's best point run with the same seed (same init, same data)
+        ref_by_seed = {x["seed"]: x["val_loss"] for x in ref["runs"]}
+        gap, gap_std = mean_std([100 * (x["val_loss"] / ref_by_seed[x["seed"]] - 1) for x in r["runs"]])
         compute = r["runs"][0]["worker_steps"] / sweep_compute
         byte_ratio = max(x["bytes_sent_per_worker"] for x in r["runs"]) / ref_bytes
         r.update(mean=mean, std=std, gap=gap, gap_std=gap_std, compute=compute, bytes_ratio=byte_ratio)
@@ -172,18 +194,16 @@ def _report(rows: list[dict[str, Any]], sweeps: dict[str, Any], best: dict[str, 
         if r["label"].startswith("HDET over") or r["label"].startswith("HDET controller"):
             goal = 1.0 if r["start"] == "best lr" else 3.0
             ok = gap <= goal and byte_ratio <= 1.05 and compute <= 0.2 + 0.01
-            picks = [", ".join(f"x{x['selections'][-1][2][x['selections'][-1][1]] if x['selections'] else 1:.3g}"
-                               for x in r["runs"][:1]) if r["runs"][0].get("selections") else ""]
             c = ", ".join(f"{x['scale']:.3g}" for x in r["runs"] if x.get("scale") is not None)
             verdict.append(f"{r['label']}: {gap:+.2f} ± {gap_std:.2f}% (goal <= +{goal:.0f}%), bytes {byte_ratio:.3f}x one "
                            f"{_name(r['ref'])} run, compute {compute:.3f} of the sweep: {'MET' if ok else 'NOT met'}; "
-                           f"c per seed {c}" + (f"; last pick seed {seeds[0]}: {picks[0]}" if picks[0] else ""))
+                           f"final c (x max_lr) per seed: {c}")
     sweep_text = "\n".join(f"{_name(s)} sweep (max_lr: val loss mean ± std over {len(seeds)} seeds): "
                            + ", ".join(f"{p['max_lr']:.1e}: {_pm(p['mean'], p['std'], 4)}" for p in pts)
                            for s, pts in sweeps.items())
     notes = (f"{steps} steps, {WORKERS} workers, char_lm n_layer={wcfg.n_layer}, d_model={wcfg.d_model}, batch "
              f"{wcfg.batch_size} per worker, seeds {seeds}; outer step every H = {H}. OneCycle: {ONECYCLE}. "
-             f"vs sweep best: 100·(val/mean of the sweep's best point − 1) per seed, mean ± std. compute: worker-steps "
+             f"vs sweep best: 100·(val/val of the sweep's best point with the same seed − 1), mean ± std over seeds; the best point is the one with the lowest mean. compute: worker-steps "
              f"/ the sweep's total; bytes vs ref: the most any worker sent / one run of the reference at its best max_lr "
              f"(DiLoCo, NoLoCo or DDP). Select form: {select_settings(steps, outer='diloco')}. Controller: "
              f"{controller_settings(steps, outer='diloco')}. Total {seconds:.0f}s.")

@@ -3,7 +3,10 @@ selection grid with ×1, `algo=[hdet,diloco]`, and one real torchrun/gloo run.""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -208,3 +211,20 @@ def test_torchrun_gloo_hdet_over_diloco_from_the_command_line(tmp_path):
     scores = ring_allreduce_bytes(8 * 2 * 2, 2)
     base = 4 * ring_allreduce_bytes(n_bytes, 2) + (2 + 4) * scores
     assert sorted(w["comm"]["bytes_sent"] for w in workers) == [base, base + n_bytes]  # + the winner's weights, once
+
+
+@pytest.mark.timeout(180)
+def test_benchmark_quick_runs_and_writes_its_table(tmp_path):
+    from dist_utils import child_env
+
+    out = tmp_path / "hdet.json"
+    proc = subprocess.run([sys.executable, "benchmarks/hdet.py", "--quick", "--out", str(out)], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    for outer in ("DiLoCo", "NoLoCo"):
+        for start in ("10x high", "10x low", "best lr"):
+            row = rows[f"HDET over {outer}, select odd, from {start}"]
+            assert row["runs"][0]["selections"][0][2] == [0.1, 1.0, 1.0, 10.0]  # the odd grid, x1 on it
+            assert math.isfinite(row["mean"]) and row["compute"] > 0.5  # 1 run of a 2-point quick sweep, + probes
+    assert "HDET over DiLoCo" in out.with_suffix(".txt").read_text()
