@@ -37,20 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from hdet_runs import ONECYCLE, WORKERS, run_system
 
-from dtrain.algorithms.ddp import DDP
-from dtrain.algorithms.base import AttachContext
-from dtrain.algorithms.hdet import HDET, shared_batch_probe
-from dtrain.comm.local import run_local
-from dtrain.optim import param_groups
 from dtrain.workloads.char_lm import Config as CharConfig
 from dtrain.workloads.char_lm import build
 
-WORKERS = 4
 GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]  # ×2 apart; extended past an edge while the best sits on it
 MAX_EXTRA_POINTS = 3
-ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
 
 
 FORMS = ("select", "controller", "no probe")
@@ -77,72 +70,6 @@ def hdet_settings(steps: int, *, grad_sync: bool, form: str = "select") -> dict[
     if form == "select":  # HDET's one switch: auto_lr_mode="select" (here with its 10% and x10 spelled out)
         out.update(auto_lr_mode="select", select_steps=steps // 10, select_range=10.0, auto_lr_stop=steps // 10)
     return out
-
-
-def probe_steps(hdet: dict[str, Any] | None, steps: int) -> float:
-    """Worker-step equivalents of the probe's forward passes (a forward ≈ 1/3 of a training step)."""
-    if not hdet or not hdet.get("probe_batches") or not hdet.get("spread"):  # spread 0: no controller, no probe
-        return 0.0
-    every, warmup, stop = hdet["converge_every"], hdet["auto_lr_warmup"], hdet["auto_lr_stop"]
-    select = hdet.get("select_steps", 0)
-    probes = sum(1 for done in range(every, steps + 1, every)
-                 if warmup <= done and done > select and (stop is None or done <= stop))
-    return WORKERS * (probes + (1 if select else 0)) * hdet["probe_batches"] / 3
-
-
-def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int,
-               hdet: dict[str, Any] | None = None) -> dict[str, Any]:
-    def worker(comm) -> dict[str, Any]:
-        torch.set_num_threads(1)
-        model = workload.build_model()
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=max_lr, betas=(0.9, 0.95), foreach=True)
-        if kind == "onecycle":
-            hook = DDP(opt, comm)
-            sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, **ONECYCLE)
-        else:
-            hook = None
-            settings = dict(hdet or {})
-            probe_batches = settings.pop("probe_batches", 0)
-            ctx = AttachContext(model=model, optimizer=opt, comm=comm, seed=seed, total_steps=steps, lr=max_lr,
-                                workload=workload)
-            probe = shared_batch_probe(ctx, probe_batches) if probe_batches else None
-            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **settings, seed=seed, probe=probe, comm=comm)
-        start, t0, lrs, nonfinite = comm.stats.copy(), time.perf_counter(), [], 0
-        for step in range(steps):
-            lrs.append(opt.param_groups[0]["lr"])
-            loss = workload.loss(model, workload.train_batch(step, comm.rank, comm.world_size))
-            value = float(loss.detach())
-            if math.isfinite(value):
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-            else:
-                nonfinite += 1
-                opt.zero_grad(set_to_none=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step(value if math.isfinite(value) else None) if kind == "hdet" else sched.step()
-        stats = (comm.stats - start).as_dict()
-        out = {"rank": comm.rank, "train_s": time.perf_counter() - t0, "comm": stats, "nonfinite": nonfinite,
-               "val_loss": workload.evaluate(model)["val_loss"], "lr_trace": lrs[:: max(1, steps // 30)]}
-        if kind == "hdet":
-            out["base_lr"] = [(e["step"], e["base"]["lr"][0]) for e in sched.log]
-            out["scale"] = sched.scale_values("lr")[0]
-            out["select_scores"] = next((e["losses"] for e in sched.log if "selected" in e), None)
-            out["peak_lr"] = max_lr * out["scale"]  # the peak of c × the curve (scale mode)
-            sched.remove()
-        if hook is not None:
-            hook.remove()
-        return out
-
-    results = run_local(WORKERS, worker, timeout=3600)
-    r0 = results[0]
-    return {"kind": kind, "max_lr": max_lr, "steps": steps, "worker_steps": WORKERS * steps + probe_steps(hdet, steps),
-            "val_loss": r0["val_loss"], "val_loss_per_worker": [r["val_loss"] for r in results],
-            "bytes_sent_per_worker": max(r["comm"]["bytes_sent"] for r in results),
-            "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
-            "train_s": max(r["train_s"] for r in results), "nonfinite_steps": sum(r["nonfinite"] for r in results),
-            "lr_trace_rank0": r0["lr_trace"], "base_lr": r0.get("base_lr"), "scale": r0.get("scale"),
-            "peak_lr": r0.get("peak_lr"), "select_scores": r0.get("select_scores"), "hdet": hdet}
 
 
 def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes: int) -> str:

@@ -24,7 +24,7 @@ from dtrain.optim import param_groups
 
 WORKERS = 4
 ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
-H = 10  # outer step every H inner steps (DiLoCo, NoLoCo, and HDET's converge over them or alone)
+H = 5  # outer step every H inner steps (DiLoCo, NoLoCo, and HDET's converge over them or alone)
 DILOCO = dict(outer_lr=0.7, outer_momentum=0.9, nesterov=True)  # the DiLoCo paper's outer step
 NOLOCO = dict(outer_lr=0.7, outer_momentum=0.5)  # the NoLoCo paper's (γ = β, pairs)
 
@@ -39,7 +39,7 @@ def select_settings(steps: int, *, outer: str = "none", grad_sync: bool = False,
     held-out batch), all take the best; then c × the curve over the outer algorithm (no more exploring).
 
     The selection ends at 10% of the run per round (rounded to the outer period, H), so 2 rounds take
-    20%: 2 × 30 steps of 300."""
+    20%: 2 × 20 steps of 200."""
     per_round = max(H, steps // 10 // H * H) if outer != "none" else max(1, steps // 10)
     return dict(auto_lr_mode="select", select_steps=per_round * rounds, select_range=10.0, select_grid=grid,
                 select_rounds=rounds, auto_lr_stop=per_round * rounds, spread=1.0, spacing="log", converge_every=H,
@@ -132,7 +132,8 @@ def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int
             "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
             "train_s": max(r["train_s"] for r in results), "nonfinite_steps": sum(r["nonfinite"] for r in results),
             "scale": r0.get("scale"), "peak_lr": max_lr * r0["scale"] if r0.get("scale") else None,
-            "selections": r0.get("selections"), "hdet": hdet}
+            "selections": r0.get("selections"), "hdet": hdet,
+            "select_scores": r0["selections"][-1][3] if r0.get("selections") else None}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
