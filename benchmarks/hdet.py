@@ -1,28 +1,29 @@
-"""HDET vs OneCycleLR on char_lm with 4 workers: can auto-LR rescue a max_lr that is 10× off?
+"""HDET as a low-communication method: learning-rate exploration over DiLoCo / NoLoCo outer steps.
 
-Runs side by side, in one invocation, each system as 4 workers (threads, `run_local`) on the same
-data stream:
-- a sweep of torch's OneCycleLR over max_lr (×2 apart), each point a DDP run (gradients all-reduced
-  every step). The grid is extended past an edge while the best sits on it, so the best point is
-  bracketed; its validation loss is the reference;
-- torch's OneCycleLR + DDP at the sweep's best max_lr × 10, ÷ 10, × 3 and ÷ 3 (the "wrong" values);
-- HDET (ours) from those same wrong values and from 3x off (between the selection start's factors),
-  in its select form: replicas start apart at c = x1/10, x0.46, x2.15, x10, the best by the probe at
-  10% of the run is taken by all, then c x the OneCycle curve with a gradient all-reduce every step
-  (``grad_sync``); and low-communication (replicas train apart, parameters averaged every T steps);
-- the scale controller on its own (no selection start), with the probe and without (scored by each
-  replica's own training losses), from both 10x wrong values;
-- diagnostics (skip with --no-diagnostics): every form started at the sweep's best lr; the
-  controller frozen there (λ = 0: what exploring alone costs); low-comm HDET at the best lr with no
-  spread (what training apart costs); the sweep's best point with the next seed (how far a run's
-  seed alone moves the result).
+One invocation, 4 workers (threads) per run, on char_lm (2 layers, d = 64; the HDET workload: no
+`configs/frontier.yaml` was on main when this was written), every row over ``--seeds`` (mean ± std):
 
-Compute is counted in worker-steps: one HDET run (4 replicas × steps, plus the probe's forward passes
-at 1/3 of a step each) against the whole sweep's total. Communication is read from the Comm's own
-counters (bytes and collectives per worker).
+- sweeps of torch's OneCycleLR over max_lr (5 points, ×2 apart; extended past an edge while the best
+  mean sits on it) with DiLoCo (outer Nesterov lr 0.7, momentum 0.9), NoLoCo (β 0.7, α 0.5, pairs) and
+  DDP hooked on the optimizer; the outer step every H = 10 inner steps. The point with the lowest mean
+  validation loss is each sweep's best; its runs are the reference;
+- OneCycleLR + DiLoCo at the best × 10 and ÷ 10 (what a wrong max_lr costs);
+- HDET over DiLoCo and over NoLoCo (``outer=diloco``/``noloco``) in its select form, from the best × 10,
+  ÷ 10 and × 1, with each selection grid measured: ``odd`` (×1/10, ×1, ×1, ×10: ×1 always on it),
+  ``odd, 2 rounds`` (then ×1/√10, ×1, ×1, ×√10 around the winner), ``even`` (×1/10, ×0.46, ×2.15, ×10:
+  the earlier grid, without ×1);
+- the paper's mechanism: replicas at ×½ … ×2 around c, converge every H steps by plain averaging, the
+  scale controller moving c from probe scores (``controller, averaging``), and the same with DiLoCo's
+  outer step as the converge (``controller over DiLoCo``), from the same three starts;
+- the rows with gradient sync kept for comparison: HDET's select form with a gradient all-reduce every
+  step after the selection, against the DDP sweep.
 
-    .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full, 6 to 25 min here, by load)
-    .venv/bin/python benchmarks/hdet.py --quick                               (smoke, ~3 min)
+Compute is in worker-steps against the whole sweep's (the probe's forward passes at 1/3 of a step);
+bytes are per worker (the most any worker sent), against one run of the outer algorithm at its best
+max_lr. Results are cached per run in ``--cache`` (JSON lines), so an interrupted run resumes.
+
+    nice -n 10 .venv/bin/python benchmarks/hdet.py --out benchmarks/results/hdet.json   (full: ~45 min idle)
+    .venv/bin/python benchmarks/hdet.py --quick                                          (smoke, ~15 s)
 """
 
 from __future__ import annotations
@@ -34,215 +35,195 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from hdet_runs import H, ONECYCLE, WORKERS, controller_settings, mean_std, run_system, select_settings
 
-from dtrain.algorithms.ddp import DDP
-from dtrain.algorithms.base import AttachContext
-from dtrain.algorithms.hdet import HDET, shared_batch_probe
-from dtrain.comm.local import run_local
-from dtrain.optim import param_groups
 from dtrain.workloads.char_lm import Config as CharConfig
 from dtrain.workloads.char_lm import build
 
-WORKERS = 4
-GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]  # ×2 apart; extended past an edge while the best sits on it
-MAX_EXTRA_POINTS = 3
-ONECYCLE = dict(pct_start=0.3, anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=10.0)
-
-
-FORMS = ("select", "controller", "no probe")
-
-
-def hdet_settings(steps: int, *, grad_sync: bool, form: str = "select") -> dict[str, Any]:
-    """One setting per form for every wrong start (no per-case tuning).
-
-    select (the default): replicas start apart at c = 10^u (u evenly in [-1, 1]: x1/10 ... x10), the
-    best by the probe at 10% of the run is taken by all, then everyone runs c x the curve (no more
-    exploring). controller: the scale controller multiplies the OneCycle curve by c, steering from
-    the first converge to the end of the warm-up ramp with replicas scored by the probe (one shared
-    held-out batch at their interval-mean parameters, every 5% of the run). no probe (the earlier
-    form): the same, scored by their own training losses every 1/60 of the run.
-
-    Every option these forms depend on is passed, not left to HDET's defaults (``auto_lr_alpha=None``:
-    the controller forms steer from the first round, as measured, without the significance test).
-    """
-    every = max(2, steps // 60) if form == "no probe" else max(2, steps // 20)
-    out = dict(spread=1.0, spacing="log", converge_every=every, auto_lr_warmup=every, auto_lr_mode="scale",
-               auto_lr_alpha=None, auto_lr_stop=int(ONECYCLE["pct_start"] * steps), auto_lr_beta=0.5,
-               auto_lr_sigma=0.03, auto_lr_gain=1.0, auto_lr_window=None, per_group=False, reshuffle=True,
-               average_optimizer_state=False, grad_sync=grad_sync, probe_batches=0 if form == "no probe" else 1)
-    if form == "select":  # HDET's one switch: auto_lr_mode="select" (here with its 10% and x10 spelled out)
-        out.update(auto_lr_mode="select", select_steps=steps // 10, select_range=10.0, auto_lr_stop=steps // 10)
-    return out
-
-
-def probe_steps(hdet: dict[str, Any] | None, steps: int) -> float:
-    """Worker-step equivalents of the probe's forward passes (a forward ≈ 1/3 of a training step)."""
-    if not hdet or not hdet.get("probe_batches") or not hdet.get("spread"):  # spread 0: no controller, no probe
-        return 0.0
-    every, warmup, stop = hdet["converge_every"], hdet["auto_lr_warmup"], hdet["auto_lr_stop"]
-    select = hdet.get("select_steps", 0)
-    probes = sum(1 for done in range(every, steps + 1, every)
-                 if warmup <= done and done > select and (stop is None or done <= stop))
-    return WORKERS * (probes + (1 if select else 0)) * hdet["probe_batches"] / 3
-
-
-def run_system(workload: Any, *, kind: str, max_lr: float, steps: int, seed: int,
-               hdet: dict[str, Any] | None = None) -> dict[str, Any]:
-    def worker(comm) -> dict[str, Any]:
-        torch.set_num_threads(1)
-        model = workload.build_model()
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=max_lr, betas=(0.9, 0.95), foreach=True)
-        if kind == "onecycle":
-            hook = DDP(opt, comm)
-            sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, **ONECYCLE)
-        else:
-            hook = None
-            settings = dict(hdet or {})
-            probe_batches = settings.pop("probe_batches", 0)
-            ctx = AttachContext(model=model, optimizer=opt, comm=comm, seed=seed, total_steps=steps, lr=max_lr,
-                                workload=workload)
-            probe = shared_batch_probe(ctx, probe_batches) if probe_batches else None
-            sched = HDET(opt, max_lr, total_steps=steps, **ONECYCLE, **settings, seed=seed, probe=probe, comm=comm)
-        start, t0, lrs, nonfinite = comm.stats.copy(), time.perf_counter(), [], 0
-        for step in range(steps):
-            lrs.append(opt.param_groups[0]["lr"])
-            loss = workload.loss(model, workload.train_batch(step, comm.rank, comm.world_size))
-            value = float(loss.detach())
-            if math.isfinite(value):
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-            else:
-                nonfinite += 1
-                opt.zero_grad(set_to_none=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step(value if math.isfinite(value) else None) if kind == "hdet" else sched.step()
-        stats = (comm.stats - start).as_dict()
-        out = {"rank": comm.rank, "train_s": time.perf_counter() - t0, "comm": stats, "nonfinite": nonfinite,
-               "val_loss": workload.evaluate(model)["val_loss"], "lr_trace": lrs[:: max(1, steps // 30)]}
-        if kind == "hdet":
-            out["base_lr"] = [(e["step"], e["base"]["lr"][0]) for e in sched.log]
-            out["scale"] = sched.scale_values("lr")[0]
-            out["select_scores"] = next((e["losses"] for e in sched.log if "selected" in e), None)
-            out["peak_lr"] = max_lr * out["scale"]  # the peak of c × the curve (scale mode)
-            sched.remove()
-        if hook is not None:
-            hook.remove()
-        return out
-
-    results = run_local(WORKERS, worker, timeout=3600)
-    r0 = results[0]
-    return {"kind": kind, "max_lr": max_lr, "steps": steps, "worker_steps": WORKERS * steps + probe_steps(hdet, steps),
-            "val_loss": r0["val_loss"], "val_loss_per_worker": [r["val_loss"] for r in results],
-            "bytes_sent_per_worker": max(r["comm"]["bytes_sent"] for r in results),
-            "collectives_per_worker": max(r["comm"]["collectives"] for r in results),
-            "train_s": max(r["train_s"] for r in results), "nonfinite_steps": sum(r["nonfinite"] for r in results),
-            "lr_trace_rank0": r0["lr_trace"], "base_lr": r0.get("base_lr"), "scale": r0.get("scale"),
-            "peak_lr": r0.get("peak_lr"), "select_scores": r0.get("select_scores"), "hdet": hdet}
-
-
-def table(rows: list[dict[str, Any]], best: float, sweep_compute: int, ddp_bytes: int) -> str:
-    head = f"{'system':<42}{'max_lr':>9}{'val_loss':>10}{'vs best':>9}{'compute':>9}{'MB sent/wkr':>13}{'coll/wkr':>10}{'bytes vs DDP':>14}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        val = r["val_loss"]
-        gap = f"{100 * (val / best - 1):+.1f}%" if math.isfinite(val) else "n/a"
-        compute = f"{r['worker_steps'] / sweep_compute:.3f}"
-        lines.append(f"{r['label']:<42}{r['max_lr']:>9.2e}{val:>10.4f}{gap:>9}{compute:>9}"
-                     f"{r['bytes_sent_per_worker'] / 1e6:>13.2f}{r['collectives_per_worker']:>10}"
-                     f"{r['bytes_sent_per_worker'] / ddp_bytes:>14.3f}")
-    return "\n".join(lines)
+GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
+MAX_EXTRA_POINTS = 1
+STARTS = (("10x high", 10.0), ("10x low", 0.1), ("best lr", 1.0))
+FORMS = {"odd": dict(grid="odd", rounds=1), "odd, 2 rounds": dict(grid="odd", rounds=2),
+         "even": dict(grid="even", rounds=1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--quick", action="store_true", help="60 steps, a tiny model, 3 sweep points: checks that it runs")
-    ap.add_argument("--no-diagnostics", action="store_true", help="skip the three HDET runs from the sweep's best lr")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--quick", action="store_true", help="40 steps, a tiny model, one seed, few rows: checks that it runs")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None, help="JSON lines of finished runs (default: next to --out)")
+    ap.add_argument("--report-only", action="store_true", help="print the table from --cache; rows with runs missing are left out")
     args = ap.parse_args()
-    steps = 60 if args.quick else args.steps
+    steps = 40 if args.quick else args.steps
+    seeds = args.seeds[:1] if args.quick else args.seeds
     wcfg = CharConfig(n_layer=2, d_model=64, n_head=4, seq_len=64, batch_size=16, eval_batches=16, eval_batch_size=32)
     if args.quick:
-        wcfg.n_layer, wcfg.d_model, wcfg.eval_batches = 1, 32, 4
-    workload = build(wcfg, seed=args.seed)
+        wcfg.n_layer, wcfg.d_model, wcfg.seq_len, wcfg.batch_size, wcfg.eval_batches = 1, 16, 16, 4, 1
+    cache_path = args.cache or (args.out.with_suffix(".runs.jsonl") if args.out and not args.quick else None)
+    cache = _load_cache(cache_path)
+    workloads: dict[int, Any] = {}
     t_start = time.perf_counter()
 
-    def go(label: str, kind: str, lr: float, hdet: dict[str, Any] | None = None, seed: int = args.seed) -> dict[str, Any]:
-        wl = workload if seed == args.seed else build(wcfg, seed=seed)
-        r = run_system(wl, kind=kind, max_lr=lr, steps=steps, seed=seed, hdet=hdet)
-        r["label"] = label
-        extra = f"  c {r['scale']:.3f} -> peak {r['peak_lr']:.2e}" if r.get("scale") is not None else ""
-        print(f"  {label:<42} max_lr {lr:.2e}  val_loss {r['val_loss']:.4f}  ({r['train_s']:.0f}s){extra}", flush=True)
-        return r
+    def go(label: str, seed: int, kind: str, lr: float, **kw: Any) -> dict[str, Any] | None:
+        key = f"{label}|{seed}|{lr:.6e}"
+        if key not in cache and not args.report_only:
+            if seed not in workloads:
+                workloads[seed] = build(wcfg, seed=seed)
+            r = run_system(workloads[seed], kind=kind, max_lr=lr, steps=steps, seed=seed, **kw)
+            r["label"] = label
+            cache[key] = r
+            if cache_path:
+                with cache_path.open("a") as f:
+                    f.write(json.dumps({"key": key, "row": r}, default=str) + "\n")
+            print(f"  {label:<48} seed {seed} max_lr {lr:.2e}  val {r['val_loss']:.4f}  ({r['train_s']:.0f}s, "
+                  f"{time.perf_counter() - t_start:.0f}s in)", flush=True)
+        return cache.get(key)
 
-    def loss_of(r: dict[str, Any]) -> float:
-        return r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
+    print(f"char_lm (n_layer={wcfg.n_layer}, d_model={wcfg.d_model}), {WORKERS} workers, {steps} steps, H = {H}, "
+          f"seeds {seeds}", flush=True)
+    grid = GRID[2:4] if args.quick else GRID
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    best: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
 
-    print(f"char_lm (n_layer={wcfg.n_layer}, d_model={wcfg.d_model}), {WORKERS} workers, {steps} steps each", flush=True)
-    grid = GRID[1:4] if args.quick else list(GRID)
-    sweep = [go(f"OneCycleLR+DDP sweep {lr:.1e}", "onecycle", lr) for lr in grid]
-    for _ in range(MAX_EXTRA_POINTS):  # bracket the best: extend past an edge while the best sits on it
-        best = min(sweep, key=loss_of)
-        lrs = sorted(r["max_lr"] for r in sweep)
-        if best["max_lr"] not in (lrs[0], lrs[-1]):
-            break
-        lr = lrs[-1] * 2 if best["max_lr"] == lrs[-1] else lrs[0] / 2
-        sweep.append(go(f"OneCycleLR+DDP sweep {lr:.1e} (extends)", "onecycle", lr))
-    sweep.sort(key=lambda r: r["max_lr"])
-    best = min(sweep, key=loss_of)
-    best_lr = best["max_lr"]
-    rows = [dict(best, label="OneCycleLR+DDP best of sweep")]
-    wrong = ((10.0, "10x high"), (0.1, "10x low"), (3.0, "3x high"), (1 / 3, "3x low"))
-    for factor, name in wrong:
-        rows.append(go(f"OneCycleLR+DDP {name}", "onecycle", best_lr * factor))
-    for factor, name in wrong:
-        rows.append(go(f"HDET grad sync, select, from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=True)))
-    for factor, name in wrong[:2]:
-        rows.append(go(f"HDET low-comm, select, from {name}", "hdet", best_lr * factor, hdet_settings(steps, grad_sync=False)))
-    for form in FORMS[1:]:  # the controller alone, with and without the probe
-        for factor, name in wrong[:2]:
-            rows.append(go(f"HDET grad sync, {form}, from {name}", "hdet", best_lr * factor,
-                           hdet_settings(steps, grad_sync=True, form=form)))
-    if not args.no_diagnostics:  # why not: start HDET at the right lr
-        for form in FORMS:
-            rows.append(go(f"diag: HDET grad sync, {form}, from best lr", "hdet", best_lr,
-                           hdet_settings(steps, grad_sync=True, form=form)))
-        frozen = dict(hdet_settings(steps, grad_sync=True, form="controller"), auto_lr_gain=0.0)  # explores, c stays 1
-        rows.append(go("diag: HDET grad sync, best lr, c frozen", "hdet", best_lr, frozen))
-        apart = dict(hdet_settings(steps, grad_sync=False, form="controller"), spread=0.0)  # what training apart costs
-        rows.append(go("diag: HDET low-comm, best lr, spread 0", "hdet", best_lr, apart))
-        rows.append(go("diag: OneCycleLR+DDP best lr, next seed", "onecycle", best_lr, seed=args.seed + 1))
-    sweep_compute = sum(r["worker_steps"] for r in sweep)
-    ddp_bytes = best["bytes_sent_per_worker"]
-    text = table(rows, best["val_loss"], sweep_compute, ddp_bytes)
-    sweep_text = "sweep (max_lr: val_loss): " + ", ".join(f"{r['max_lr']:.1e}: {r['val_loss']:.4f}" for r in sweep)
-    hd = [r for r in rows if r["kind"] == "hdet" and not r["label"].startswith("diag")]  # every non-diagnostic HDET row
-    verdict = [f"{r['label']}: {100 * (r['val_loss'] / best['val_loss'] - 1):+.2f}% vs sweep best "
-               f"({'within' if r['val_loss'] <= 1.03 * best['val_loss'] else 'NOT within'} 3%), compute "
-               f"{r['worker_steps'] / sweep_compute:.3f} of the sweep, bytes {r['bytes_sent_per_worker'] / ddp_bytes:.2f}x DDP, "
-               f"c = {r['scale']:.3f}: peak lr {r['peak_lr']:.2e} (sweep best {best_lr:.2e})"
-               + (f"; selection scores (factors x1/10, x0.46, x2.15, x10): {', '.join('n/a' if x is None else f'{x:.3f}' for x in r['select_scores'])}"
-                  if r.get("select_scores") else "") for r in hd]
-    notes = (f"compute = worker-steps / the whole sweep's ({len(sweep)} points x {WORKERS} workers x {steps} steps); "
-             f"bytes vs DDP = bytes sent per worker / the DDP run's. HDET select: {hdet_settings(steps, grad_sync=True)}; "
-             f"controller: {hdet_settings(steps, grad_sync=True, form='controller')}; "
-             f"no probe: {hdet_settings(steps, grad_sync=True, form='no probe')} (low-comm: grad_sync False; "
-             f"'c frozen': auto_lr_gain 0, so the replicas explore x1/2..x2 until auto_lr_stop and the curve is never scaled). "
-             f"Compute counts the probe's forward passes as 1/3 of a step each; the goal is checked on the rows of the select form. OneCycle: {ONECYCLE}. Scaled down for a shared 2-core machine: "
-             f"{steps} steps, n_layer={wcfg.n_layer}, d_model={wcfg.d_model}, batch {wcfg.batch_size} per worker. "
-             f"Total {time.perf_counter() - t_start:.0f}s.")
-    report = text + "\n\n" + sweep_text + "\n\n" + "\n".join(verdict) + "\n\n" + notes
+    def sweep(sync: str) -> bool:
+        points = _sweep(go, sync, grid, seeds, extend=not args.quick)
+        if points:
+            sweeps[sync], best[sync] = points, min(points, key=lambda p: p["mean"])
+            rows.append({"label": f"OneCycleLR+{_name(sync)} best of sweep", "ref": sync, "start": "best lr",
+                         "max_lr": best[sync]["max_lr"], "runs": best[sync]["runs"]})
+        return bool(points)
+
+    def group(label: str, sync: str, start: str, factor: float, kind: str, **kw: Any) -> None:
+        lr = best[sync]["max_lr"] * factor
+        runs = [go(label, s, kind, lr, **kw) for s in seeds]
+        if all(r is not None for r in runs):
+            rows.append({"label": label, "ref": sync, "start": start, "max_lr": lr, "runs": runs})
+
+    def select_rows(sync: str, form: str) -> None:
+        for start, factor in STARTS:
+            group(f"HDET over {_name(sync)}, select {form}, from {start}", sync, start, factor, "hdet",
+                  hdet=select_settings(steps, outer=sync, **FORMS[form]))
+
+    # in order of what the issue asks first, so that a run cut short has the rows that decide
+    if sweep("diloco"):
+        select_rows("diloco", "odd")
+    if sweep("noloco"):
+        select_rows("noloco", "odd")
+    if not args.quick and "diloco" in best:
+        for start, factor in STARTS:
+            group(f"HDET controller, averaging, from {start}", "diloco", start, factor, "hdet",
+                  hdet=controller_settings(steps, outer="none"))
+        for form in ("even", "odd, 2 rounds"):
+            select_rows("diloco", form)
+        for start, factor in STARTS[:2]:
+            group(f"OneCycleLR+DiLoCo {start}", "diloco", start, factor, "onecycle", sync="diloco")
+        for start, factor in STARTS:
+            group(f"HDET controller over DiLoCo, from {start}", "diloco", start, factor, "hdet",
+                  hdet=controller_settings(steps, outer="diloco"))
+        if "noloco" in best:
+            for form in ("even", "odd, 2 rounds"):
+                select_rows("noloco", form)
+        if sweep("ddp"):
+            for form in ("odd", "even"):
+                for start, factor in STARTS:
+                    group(f"HDET grad sync, select {form}, from {start}", "ddp", start, factor, "hdet",
+                          hdet=select_settings(steps, grad_sync=True, **FORMS[form]))
+    report, verdict = _report(rows, sweeps, best, seeds, steps, wcfg, time.perf_counter() - t_start)
     print("\n" + report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"steps": steps, "workers": WORKERS, "sweep": sweep, "rows": rows,
-                                        "best_sweep_lr": best_lr, "verdict": verdict, "notes": notes,
-                                        "hdet": hdet_settings(steps, grad_sync=True), "onecycle": ONECYCLE},
+        args.out.write_text(json.dumps({"steps": steps, "workers": WORKERS, "seeds": seeds, "H": H, "onecycle": ONECYCLE,
+                                        "sweeps": sweeps, "rows": rows, "verdict": verdict,
+                                        "select": select_settings(steps, outer="diloco"),
+                                        "controller": controller_settings(steps, outer="diloco")},
                                        indent=1, default=str))
         args.out.with_suffix(".txt").write_text(report + "\n")
+
+
+def _name(sync: str) -> str:
+    return {"diloco": "DiLoCo", "noloco": "NoLoCo", "ddp": "DDP"}[sync]
+
+
+def _sweep(go: Any, sync: str, grid: list[float], seeds: list[int], *, extend: bool) -> list[dict[str, Any]]:
+    """Each max_lr of the grid over every seed; extended past an edge while the best mean sits on it."""
+    points = []
+
+    def point(lr: float) -> bool:
+        runs = [go(f"OneCycleLR+{_name(sync)} sweep", s, "onecycle", lr, sync=sync) for s in seeds]
+        if any(r is None for r in runs):  # --report-only with runs missing
+            return False
+        mean, std = mean_std([r["val_loss"] for r in runs])
+        points.append({"max_lr": lr, "mean": mean, "std": std, "runs": runs})
+        return True
+
+    if not all([point(lr) for lr in grid]):
+        return []
+    for _ in range(MAX_EXTRA_POINTS if extend else 0):
+        lrs = sorted(p["max_lr"] for p in points)
+        top = min(points, key=lambda p: p["mean"])["max_lr"]
+        if top not in (lrs[0], lrs[-1]):
+            break
+        if not point(lrs[-1] * 2 if top == lrs[-1] else lrs[0] / 2):
+            break
+    return sorted(points, key=lambda p: p["max_lr"])
+
+
+def _report(rows: list[dict[str, Any]], sweeps: dict[str, Any], best: dict[str, Any], seeds: list[int], steps: int,
+            wcfg: Any, seconds: float) -> tuple[str, list[str]]:
+    head = (f"{'system':<50}{'max_lr':>9}{'val loss':>18}{'vs sweep best':>17}{'compute':>9}{'bytes vs ref':>14}"
+            f"{'MB/wkr':>9}")
+    lines = [head, "-" * len(head)]
+    verdict = []
+    for r in rows:
+        ref = best[r["ref"]]
+        sweep_compute = sum(p["runs"][0]["worker_steps"] for p in sweeps[r["ref"]])
+        ref_bytes = ref["runs"][0]["bytes_sent_per_worker"]
+        vals = [x["val_loss"] for x in r["runs"]]
+        mean, std = mean_std(vals)
+        # paired: each seed against the sweep's best point run with the same seed (same init, same data)
+        ref_by_seed = {x["seed"]: x["val_loss"] for x in ref["runs"]}
+        gap, gap_std = mean_std([100 * (x["val_loss"] / ref_by_seed[x["seed"]] - 1) for x in r["runs"]])
+        compute = r["runs"][0]["worker_steps"] / sweep_compute
+        byte_ratio = max(x["bytes_sent_per_worker"] for x in r["runs"]) / ref_bytes
+        r.update(mean=mean, std=std, gap=gap, gap_std=gap_std, compute=compute, bytes_ratio=byte_ratio)
+        lines.append(f"{r['label']:<50}{r['max_lr']:>9.2e}{_pm(mean, std, 4):>18}{_pm(gap, gap_std, 2, '%'):>17}"
+                     f"{compute:>9.3f}{byte_ratio:>14.3f}{r['runs'][0]['bytes_sent_per_worker'] / 1e6:>9.2f}")
+        if r["label"].startswith("HDET over") or r["label"].startswith("HDET controller"):
+            goal = 1.0 if r["start"] == "best lr" else 3.0
+            ok = gap <= goal and byte_ratio <= 1.05 and compute <= 0.2 + 0.01
+            c = ", ".join(f"{x['scale']:.3g}" for x in r["runs"] if x.get("scale") is not None)
+            verdict.append(f"{r['label']}: {gap:+.2f} ± {gap_std:.2f}% (goal <= +{goal:.0f}%), bytes {byte_ratio:.3f}x one "
+                           f"{_name(r['ref'])} run, compute {compute:.3f} of the sweep: {'MET' if ok else 'NOT met'}; "
+                           f"final c (x max_lr) per seed: {c}")
+    sweep_text = "\n".join(f"{_name(s)} sweep (max_lr: val loss mean ± std over {len(seeds)} seeds): "
+                           + ", ".join(f"{p['max_lr']:.1e}: {_pm(p['mean'], p['std'], 4)}" for p in pts)
+                           for s, pts in sweeps.items())
+    notes = (f"{steps} steps, {WORKERS} workers, char_lm n_layer={wcfg.n_layer}, d_model={wcfg.d_model}, batch "
+             f"{wcfg.batch_size} per worker, seeds {seeds}; outer step every H = {H}. OneCycle: {ONECYCLE}. "
+             f"vs sweep best: 100·(val/val of the sweep's best point with the same seed − 1), mean ± std over seeds; the best point is the one with the lowest mean. compute: worker-steps "
+             f"/ the sweep's total; bytes vs ref: the most any worker sent / one run of the reference at its best max_lr "
+             f"(DiLoCo, NoLoCo or DDP). Select form: {select_settings(steps, outer='diloco')}. Controller: "
+             f"{controller_settings(steps, outer='diloco')}. Total {seconds:.0f}s.")
+    return "\n".join(lines) + "\n\n" + sweep_text + "\n\n" + "\n".join(verdict) + "\n\n" + notes, verdict
+
+
+def _pm(mean: float, std: float, digits: int, unit: str = "") -> str:
+    if not math.isfinite(mean):
+        return "diverged"
+    return f"{mean:+.{digits}f}{unit} ± {std:.{digits}f}" if unit else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _load_cache(path: Path | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if path and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                out[item["key"]] = item["row"]
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ registries below). Unknown keys and bad values are rejected before any worker st
 
 Composition: ``algo`` may also be a list, ``algo: [lisa, diloco]`` in YAML (items are names or
 mappings with a name: ``[lisa, {name: diloco, sync_every: 50}]``), ``algo=[lisa,diloco]`` on the
-command line. It is stored as one ``algo`` section (the algorithm LISA rides on) and a ``lisa``
+command line. ``algo: [hdet, diloco]`` is HDET over DiLoCo: one ``hdet`` section with ``outer: diloco`` and
+the DiLoCo item's keys as ``outer_options`` (see `dtrain.algorithms.hdet_outer`). It is stored as one ``algo`` section (the algorithm LISA rides on) and a ``lisa``
 section (LISA's options, ``name: lisa``; null when LISA is off), so ``algo.name=X``,
 ``algo.KEY=V`` and ``lisa.KEY=V`` overrides act on a composed run as on any other. A command-line
 ``algo=[...]`` replaces the YAML's composition. A ``lisa.KEY`` set while LISA is off is refused.
@@ -276,10 +277,12 @@ def _compose(raw: DictConfig) -> DictConfig:
             raise ConfigError(f"algo lists {section.name} twice; name each algorithm once")
         sections[section.name] = section
     lisa = sections.pop("lisa", None)
+    _fold_hdet_outer(sections)
     if len(sections) != 1:
         listed = ", ".join(sections) or "only lisa"
         raise ConfigError(f"algo lists {listed}: {_LISA_RIDES}" if lisa is not None or not sections else
-                          f"algo lists {listed}; only LISA composes with another algorithm (algo=[lisa,{next(iter(sections))}])")
+                          f"algo lists {listed}; only LISA composes with another algorithm (algo=[lisa,{next(iter(sections))}]), "
+                          "and HDET with one outer algorithm (algo=[hdet,diloco])")
     out = OmegaConf.merge(raw, {})
     out.algo = next(iter(sections.values()))
     given = raw.get("lisa")
@@ -291,6 +294,18 @@ def _compose(raw: DictConfig) -> DictConfig:
     else:
         out.lisa = OmegaConf.merge(lisa, given) if isinstance(given, DictConfig) else lisa
     return out
+
+
+def _fold_hdet_outer(sections: dict[str, Any]) -> None:
+    """``algo=[hdet,diloco]`` (issue 19): HDET over an outer algorithm is one ``hdet`` section with
+    ``outer: diloco`` and that item's other keys as ``outer_options`` (HDET builds the outer algorithm)."""
+    if "hdet" not in sections or len(sections) != 2:
+        return
+    hdet = sections.pop("hdet")
+    (name, outer), = sections.items()
+    sections.clear()
+    options = {k: v for k, v in outer.items() if k != "name"}
+    sections["hdet"] = OmegaConf.merge(hdet, {"outer": name, "outer_options": options})
 
 
 def _recompose(user: DictConfig, cli: DictConfig) -> DictConfig:

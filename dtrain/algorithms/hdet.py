@@ -87,6 +87,20 @@ Options beyond those equations (`benchmarks/hdet.py` measures them; figures in t
   taken through ``state_dict``, so numbers kept outside the state tensors travel too (Prodigy's d in
   the param groups, Mechanic's tuner and its base optimizer's state).
 
+- ``select_grid="odd"`` puts ×1 on the selection's grid (4 replicas: ×1/10, ×1, ×1, ×10), so a max_lr
+  that is already right is kept unless another factor beats it; ``select_rounds=k`` splits the start
+  into k rounds, round j's grid centred on the last winner with range R^(1/2^j) (see
+  `dtrain.algorithms.hdet_select`).
+
+- ``outer="diloco"`` / ``"noloco"`` (``outer_options``: that algorithm's keys; `dtrain train`:
+  ``algo=[hdet,diloco]``): the replicas are DiLoCo or NoLoCo workers and the converge step is the outer
+  algorithm's own step (Nesterov on the mean outer gradient, or NoLoCo's pair step) instead of plain
+  averaging; HDET reads the probe at those boundaries and adds only its scores (a few floats per round)
+  to the outer algorithm's bytes. See `dtrain.algorithms.hdet_outer`:
+
+      HDET(opt, max_lr, total_steps, comm=comm, outer="diloco", converge_every=H, auto_lr_mode="select",
+           select_grid="odd", probe=fn)       # a max_lr 10x off, at DiLoCo's bytes
+
 Between converge steps nothing is communicated (the paper's code all-reduces gradients every step;
 ``grad_sync=True`` does that too, for users who want HDET on top of DDP).
 """

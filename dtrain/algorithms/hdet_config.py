@@ -8,8 +8,10 @@ defaults) with ``overrides`` and OneCycleLR's arguments through `dtrain.algorith
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from dtrain.algorithms.hdet_controller import check_hdet_args
+from dtrain.algorithms.hdet_controller import SELECT_GRIDS, check_hdet_args
+from dtrain.algorithms.hdet_outer import check_outer
 
 # OneCycleLR's arguments that are options here (max_lr, total_steps, epochs, steps_per_epoch and
 # last_epoch are facts of the run: `dtrain train` takes them from optim.lr and steps).
@@ -52,6 +54,11 @@ class Config:
     probe_batches: int = 0  # dtrain train: score replicas on this many shared held-out batches (library: probe=fn)
     select_steps: int | None = None  # replicas start apart until this step; None = 10% of the run in select mode
     select_range: float = 10.0  # how far off max_lr may be, either way, for the selection start
+    select_grid: str = "even"  # even: factors range^u, u evenly in [-1, 1] | odd: x1 always among them
+    select_rounds: int = 1  # rounds of the selection start; round j's range is select_range^(1/2^j)
+    # -- the outer algorithm HDET rides on (composition; see dtrain.algorithms.hdet_outer) ----------
+    outer: str = "none"  # none: converge = plain averaging | diloco | noloco: converge = their outer step
+    outer_options: dict[str, Any] = field(default_factory=dict)  # the outer algorithm's keys (not sync_every)
 
     def validate(self) -> None:
         """One-line ValueError naming the key; works on dtrain's ``algo`` section too (attributes only)."""
@@ -77,6 +84,7 @@ class Config:
             raise ValueError(f"algo.probe_batches must be an integer >= 0 (0 = score replicas by their training losses), got {self.probe_batches}")
         if not self.explore:
             raise ValueError("algo.explore must list at least one param-group key (e.g. [lr])")
+        check_outer(self)
 
 
 
@@ -97,4 +105,12 @@ def _check_selection(cfg: Config) -> None:
                          "scales the schedule")
     if selecting and not cfg.select_range > 1:
         raise ValueError(f"algo.select_range must be > 1 (replicas start at c = range^u, u in [-1, 1]), got {cfg.select_range}")
+    if cfg.select_grid not in SELECT_GRIDS:
+        raise ValueError(f"algo.select_grid must be one of {', '.join(SELECT_GRIDS)}, got {cfg.select_grid!r}")
+    rounds = cfg.select_rounds
+    if int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"algo.select_rounds must be an integer >= 1, got {rounds}")
+    if not selecting and (rounds != 1 or cfg.select_grid != "even"):
+        key = "select_rounds" if rounds != 1 else "select_grid"
+        raise ValueError(f"algo.{key} shapes the selection start, which is off; set algo.auto_lr_mode=select or remove algo.{key}")
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 SPACINGS = ("linear", "log")
+SELECT_GRIDS = ("even", "odd")
 AUTO_LR_MODES = ("scale", "select", "additive")
 _KNOB = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+)\])?$")
 _MOMENTUM_KNOBS = {("momentum", None), ("betas", 0)}
@@ -35,6 +36,27 @@ def multipliers(world_size: int, spread: float, *, spacing: str = "linear") -> l
     if spacing == "log":
         return [(1.0 + spread) ** u for u in units]
     return [1.0 + spread * u for u in units]
+
+
+def selection_factors(world_size: int, range_: float, *, grid: str = "even") -> list[float]:
+    """Replica r's factor c_r = range^u_r during a selection round.
+
+    even: u evenly in [−1, 1] (4 replicas, range 10: ×1/10, ×0.46, ×2.15, ×10; ×1 is not among them).
+    odd: u evenly over an odd number of points (N, or N − 1 for even N) so u = 0 is one of them, and
+    the replica left over runs ×1 as well (4 replicas: ×1/10, ×1, ×1, ×10): a max_lr that is already
+    right is always on the grid, and holding it can only be lost to a replica that beats it.
+    """
+    if grid == "even":
+        return multipliers(world_size, range_ - 1.0, spacing="log")
+    points = world_size if world_size % 2 else world_size - 1
+    units = [-1.0 + 2.0 * i / (points - 1) for i in range(points)] if points > 1 else [0.0]
+    units[points // 2 : points // 2] = [0.0] * (world_size - points)
+    return [range_**u for u in units]
+
+
+def round_range(range_: float, round_: int) -> float:
+    """Selection round j's range: range^(1/2^j), a grid that halves (in log) around the last winner."""
+    return range_ ** (0.5**round_)
 
 
 def deal(keys: list[tuple[int, int]], replicas: int, *, seed: int, index: int) -> dict[tuple[int, int], list[int]]:
@@ -135,12 +157,22 @@ def check_hdet_args(
         raise ValueError(f"auto_lr_stop must be >= 0 or null, got {stop}")
 
 
-def resolve_select_steps(steps: int | None, *, mode: str, total: int) -> int:
-    """The step of the selection (0: none): ``steps``, or 10% of the run in select mode; checked against the run."""
+def resolve_select_steps(steps: int | None, *, mode: str, total: int, rounds: int = 1, align: int = 1) -> int:
+    """The step of the selection (0: none): ``steps``, or 10% of the run in select mode; checked against the run.
+
+    ``align`` (the outer step's period, with an outer algorithm): the selection ends on an outer-step
+    boundary, so the default is rounded down to a multiple of it (at least one period)."""
     if steps is None:
         steps = max(1, total // 10) if mode == "select" else 0
+        if steps and align > 1:
+            steps = max(align, steps // align * align)
     if not 0 <= steps < total:
         raise ValueError(f"algo.select_steps must be an integer in [0, total_steps={total}), got {steps}")
+    if steps and steps % align:
+        raise ValueError(f"algo.select_steps={steps} must be a multiple of algo.converge_every={align} with an outer "
+                         "algorithm (the selection ends on an outer-step boundary)")
+    if steps and steps % rounds:
+        raise ValueError(f"algo.select_steps={steps} must split into algo.select_rounds={rounds} rounds of whole steps")
     return int(steps)
 
 

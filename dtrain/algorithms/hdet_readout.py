@@ -25,6 +25,7 @@ class Readout:
     _anneal: str
     _scaled: bool
     _grad_sync: Any
+    _outer: Any
     last_epoch: int
     total_steps: int
     converges: int
@@ -66,8 +67,9 @@ class Readout:
 
     @property
     def skipped_steps(self) -> int:
-        """Updates skipped on every replica together (by the per-step gradient sync, if any)."""
-        return self._grad_sync.skipped_steps if self._grad_sync is not None else 0
+        """Updates skipped on every replica together (by the per-step gradient sync or the outer algorithm, if any)."""
+        outer = self._outer.skipped_steps if self._outer is not None else 0
+        return (self._grad_sync.skipped_steps if self._grad_sync is not None else 0) + outer
 
     def report(self) -> dict[str, Any]:
         """What `dtrain train` writes into summary.json for this run."""
@@ -77,7 +79,8 @@ class Readout:
                 "lr_scale": self.scale_values("lr") if has_lr and self._scaled else None,
                 "evidence": self.evidence("lr") if has_lr else None, "moved": any(e.get("moved") for e in self.log),
                 "final_lr": [g["lr"] for g in self.optimizer.param_groups],
-                "last_scores": self.log[-1]["losses"] if self.log else None}
+                "last_scores": self.log[-1]["losses"] if self.log else None,
+                "outer": self._outer.report() if self._outer is not None else None}
 
     def snapshot(self) -> dict[str, Any]:
         """The controller's values now, as a converge step's log entry records them."""

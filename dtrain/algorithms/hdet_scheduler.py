@@ -16,14 +16,15 @@ from dtrain.algorithms.hdet_controller import (MAX_SCALE, decay_rate, evidence_p
                                                multiplier_units, multipliers, parse_explore, resolve_select_steps,
                                                deal, round_sign, softmax_weights, weighted_shift)
 from dtrain.algorithms.hdet_onecycle import build_phases, curve_point, init_groups, resolve_total_steps
+from dtrain.algorithms.hdet_outer import OuterStep
 from dtrain.algorithms.hdet_probe import IterateMean
 from dtrain.algorithms.hdet_readout import Readout
-from dtrain.algorithms.hdet_replicas import (average_finite, broadcast_from, load_optimizer_from, optimizer_state,
-                                             share_scores)
+from dtrain.algorithms.hdet_replicas import average_finite, broadcast_from, optimizer_state, share_scores
+from dtrain.algorithms.hdet_select import Selection
 from dtrain.comm.base import Comm
 
 
-class HDET(Readout, LRScheduler):
+class HDET(Selection, Readout, LRScheduler):
     """OneCycleLR with hyperparameter-divergent replicas, periodic averaging and an auto-LR controller.
 
     ``HDET(optimizer, max_lr, total_steps, ..., comm=None, cfg=None, seed=0, probe=None, **overrides)``:
@@ -81,7 +82,9 @@ class HDET(Readout, LRScheduler):
         # With one replica there is nothing to compare (nor with no spread, outside a selection start):
         # the controller stays off and the curve is exactly OneCycle's.
         self.auto_lr = c.auto_lr and self.replicas > 1 and (self.spread > 0 or self.mode == "select" or bool(c.select_steps))
-        self.select_steps = resolve_select_steps(c.select_steps, mode=self.mode, total=self.total_steps)
+        composed = c.outer != "none" and self.replicas > 1
+        self.select_steps = resolve_select_steps(c.select_steps, mode=self.mode, total=self.total_steps,
+                                                 rounds=int(c.select_rounds), align=self.converge_every if composed else 1)
         if self.select_steps and not self.auto_lr:
             raise ValueError(f"algo.select_steps={self.select_steps} (auto_lr_mode={self.mode}) needs 2+ replicas to "
                              "select from: pass a comm with world_size > 1, or use auto_lr_mode='scale'")
@@ -101,8 +104,8 @@ class HDET(Readout, LRScheduler):
                              "in your own loop pass probe=fn(converge_index) -> loss instead")
         self.probe = probe
         self._iterates = IterateMean()  # the probe's point; empty unless probing
-        # the selection start: replica r runs c = range^u_r (u_r evenly in [−1, 1]) until select_steps
-        self._select_rho = multipliers(self.replicas, float(c.select_range) - 1.0, spacing="log")
+        self._outer: OuterStep | None = None
+        self._init_selection(range_=float(c.select_range), grid=c.select_grid, rounds=int(c.select_rounds))
         self.rho = multipliers(self.replicas, self.spread, spacing=self.spacing)
         self._units = multiplier_units(self.replicas)
 
@@ -137,6 +140,16 @@ class HDET(Readout, LRScheduler):
         if c.broadcast_init and self.replicas > 1 and last_epoch == -1:
             with torch.no_grad():
                 broadcast_from(self.comm, optimizer_params(optimizer), src=0)  # type: ignore[arg-type]
+        self._pending_probe: float | None = None
+        self._own_hooks = []
+        if composed:  # converge = the outer algorithm's step; HDET scores the replicas just before it
+            self._outer = OuterStep(c.outer, dict(c.outer_options), optimizer=optimizer, comm=comm,  # type: ignore[arg-type]
+                                    seed=self.seed, every=self.converge_every, total_steps=self.total_steps,
+                                    lr=float(optimizer.param_groups[0].get("max_lr", optimizer.param_groups[0]["lr"])))
+            # registered before the outer algorithm's hooks, so it runs first at every step
+            self._own_hooks.append(optimizer.register_step_post_hook(lambda *_: self._before_outer()))
+            if not self.select_steps:
+                self._outer.build(0)
         self._ready = False  # LRScheduler's own first step (and a resumed last_epoch) must not converge
         super().__init__(optimizer, last_epoch)
         self._ready = True
@@ -157,14 +170,28 @@ class HDET(Readout, LRScheduler):
             if math.isfinite(value) and in_window:
                 self._loss_sum += value
                 self._loss_count += 1
-        if self.last_epoch >= 0:
-            upcoming = -(-(self.last_epoch + 1) // self.converge_every) * self.converge_every
-            if self._probes_at(upcoming):
-                self._iterates.add(optimizer_params(self.optimizer))
-        if self.select_steps and self.last_epoch + 1 == self.select_steps:
+        if self.last_epoch >= 0 and self._outer is None:
+            self._add_iterate()
+        if self._round_ends(self.last_epoch + 1):
             self.select()
         elif self.last_epoch >= 0 and (self.last_epoch + 1) % self.converge_every == 0:
             self.converge()
+
+    def _add_iterate(self) -> None:
+        upcoming = -(-(self.last_epoch + 1) // self.converge_every) * self.converge_every
+        if self._probes_at(upcoming):
+            self._iterates.add(optimizer_params(self.optimizer))
+
+    def _before_outer(self) -> None:
+        """Over an outer algorithm: after each inner step and before the outer step, keep the probe's
+        running mean and, at a converge step, score this replica's own parameters (the outer step then
+        replaces them)."""
+        if not self._ready or self.last_epoch < 0:
+            return
+        self._add_iterate()
+        done = self.last_epoch + 1
+        if done % self.converge_every == 0 and self._probes_at(done):
+            self._pending_probe = self._iterates.score(optimizer_params(self.optimizer), self.probe, self.converges)  # type: ignore[arg-type]
 
     def get_lr(self) -> list[float]:
         step = self.last_epoch
@@ -216,11 +243,11 @@ class HDET(Readout, LRScheduler):
         if done < self.select_steps:
             self._loss_sum, self._loss_count = 0.0, 0
             return
-        probed = None
-        if self._probes_at(done):  # before averaging: each replica's own parameters
+        probed, self._pending_probe = self._pending_probe, None  # over an outer algorithm: scored before its step
+        if self._outer is None and self._probes_at(done):  # before averaging: each replica's own parameters
             probed = self._iterates.score(optimizer_params(self.optimizer), self.probe, self.converges)  # type: ignore[arg-type]
         self._iterates.reset()
-        if self.replicas > 1:
+        if self.replicas > 1 and self._outer is None:
             average_finite(self.comm, optimizer_params(self.optimizer))
             if self.average_optimizer_state:
                 average_finite(self.comm, optimizer_state(self.optimizer))
@@ -229,33 +256,6 @@ class HDET(Readout, LRScheduler):
         self._loss_sum, self._loss_count = 0.0, 0
         self.converges += 1
         self._perms = self._draw_permutations(self.converges)
-
-    @torch.no_grad()
-    def select(self) -> None:
-        """End of the selection start: every replica takes the best replica's parameters, optimizer state
-        and factor c (its ρ), then training goes on as usual (grad sync, if asked for, starts here).
-
-        Replicas are scored by the probe at their current parameters (they ran apart from step 0, so
-        whole trajectories are compared; a max_lr that is too high shows as a stalled loss by now), or
-        without a probe by the mean training loss of the last interval.
-        """
-        params = optimizer_params(self.optimizer)
-        probed = self._iterates.score(params, self.probe, self.converges) if self.probe is not None else None
-        losses = self._share_losses(probed)
-        scored = [(x, r) for r, x in enumerate(losses) if x is not None]
-        winner = min(scored)[1] if scored else 0
-        broadcast_from(self.comm, params, src=winner)
-        load_optimizer_from(self.comm, self.optimizer, src=winner)
-        shift = math.log(self._select_rho[winner])
-        self._log_scale = [[x + shift for x in row] for row in self._log_scale]
-        self.log.append({"step": self.select_steps, "losses": losses, "selected": winner,
-                         **self.snapshot()})
-        self._loss_sum, self._loss_count = 0.0, 0
-        self._iterates.reset()
-        self.converges += 1
-        self._perms = self._draw_permutations(self.converges)
-        if self._wants_grad_sync:
-            self._start_grad_sync()
 
     def _start_grad_sync(self) -> None:
         if self._grad_sync is None:
@@ -329,16 +329,11 @@ class HDET(Readout, LRScheduler):
     def multiplier(self, name: str = "lr", group: int = 0) -> float:
         """This replica's current multiplier of explored hyperparameter ``name`` in ``group``."""
         if self.selecting:
-            return self._select_rho[self.rank]
+            return self._selection_factor()
         if self.exploring_stopped:
             return 1.0
         ki = self._knob(name)
         return self.rho[self._perms[self._perm_key(ki, group)][self.rank]]
-
-    @property
-    def selecting(self) -> bool:
-        """Whether the replicas are still in the selection start (running apart at c = range^u_r)."""
-        return self.last_epoch < self.select_steps
 
     @property
     def exploring_stopped(self) -> bool:
@@ -353,8 +348,9 @@ class HDET(Readout, LRScheduler):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs, the probe's running mean of the interval included (exact mid-interval)."""
         grad_sync = self._grad_sync.state_dict() if self._grad_sync is not None else None
+        outer = self._outer.state_dict() if self._outer is not None else None
         return {**{key: _plain(getattr(self, key)) for key in self._STATE}, "iterates": self._iterates.state_dict(),
-                "grad_sync": grad_sync}
+                "grad_sync": grad_sync, "outer": outer}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if int(state_dict["replicas"]) != self.replicas:
@@ -372,11 +368,21 @@ class HDET(Readout, LRScheduler):
             self._start_grad_sync()
             if state_dict.get("grad_sync") is not None:
                 self._grad_sync.load_state_dict(state_dict["grad_sync"])  # type: ignore[union-attr]
+        if self._outer is not None:
+            if state_dict.get("outer") is None and not self.selecting:
+                raise ValueError("HDET checkpoint has no outer algorithm state, this run has algo.outer="
+                                 f"{self._outer.name}; resume with the config that wrote it")
+            self._outer.load_state_dict(state_dict.get("outer"))
 
     def remove(self) -> None:
-        """Stop the per-step gradient sync hook (if any)."""
+        """Detach from the optimizer: the per-step gradient sync or the outer algorithm (if any), and our hook."""
         if self._grad_sync is not None:
             self._grad_sync.remove()
+        if self._outer is not None:
+            self._outer.remove()
+        for h in self._own_hooks:
+            h.remove()
+        self._own_hooks = []
 
 
 def _plain(value: Any) -> Any:
