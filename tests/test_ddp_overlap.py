@@ -102,3 +102,28 @@ def test_one_workers_bad_step_is_skipped_by_every_worker(fault):
         assert algo.flagged_steps == 1 and algo.peer_nonfinite_steps == 0 and algo.skipped_steps == 1
         for p, r in zip(params, ref_params):
             assert torch.equal(p, r)
+
+
+def test_no_sync_accumulates_locally_and_the_last_backward_reduces_the_sum():
+    """Gradient accumulation: two half-batches (the first under no_sync) give the full batch's mean
+    gradient on every worker, with the collectives of one step."""
+    def work(comm):
+        full, accum = _model(), _model()
+        DDP(torch.optim.SGD(full.parameters(), lr=0.1), comm)
+        algo = DDP(torch.optim.SGD(accum.parameters(), lr=0.1), comm)
+        x, y = _batch(0, comm.rank)
+        before = comm.stats.collectives
+        ((full(x) - y) ** 2).mean().backward()
+        one_step = comm.stats.collectives - before
+        before = comm.stats.collectives
+        with algo.no_sync():
+            ((accum(x[:8]) - y[:8]) ** 2).mean().div(2).backward()
+        assert comm.stats.collectives == before  # nothing sent for the first micro-batch
+        ((accum(x[8:]) - y[8:]) ** 2).mean().div(2).backward()
+        return [p.grad.clone() for p in full.parameters()], [p.grad.clone() for p in accum.parameters()], \
+            one_step, comm.stats.collectives - before
+
+    for full, accum, one_step, accum_step in run_local(2, work):
+        assert accum_step == one_step >= 1
+        for a, b in zip(full, accum):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +98,20 @@ class DDP(Algorithm):
             return
         for p, g in zip(params, mean):
             p.grad = g.view_as(p)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients locally and send nothing, as torch DDP's
+        ``no_sync``: for gradient accumulation run every micro-batch but the last inside it; the last
+        backward (outside) reduces the accumulated sum, so a step costs the same collectives."""
+        if self.buckets is None:  # robust aggregation gathers at the step anyway
+            yield
+            return
+        self.buckets.paused = True
+        try:
+            yield
+        finally:
+            self.buckets.paused = False
 
     def _settle(self, params: list[torch.Tensor]) -> None:
         """The step's verdict from the buckets; reduced here if no backward did it on this worker

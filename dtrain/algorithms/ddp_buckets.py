@@ -60,6 +60,7 @@ class GradBuckets:
         self._next = 0  # next bucket to launch
         self._armed = False  # inside a backward whose end callback is queued
         self._bad = False  # a local gradient was not finite this step
+        self.paused = False  # inside DDP.no_sync(): backward accumulates locally and sends nothing
         self.verdict: str | None = None  # None: nothing reduced yet this step
 
     # -- layout ----------------------------------------------------------------------------
@@ -105,6 +106,8 @@ class GradBuckets:
 
     # -- during backward -------------------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
+        if self.paused:
+            return
         if not self._armed:
             self._arm()
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
