@@ -34,6 +34,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from dtrain.hierarchy import Config as ParallelConfig
+
 # name -> module with a `Config` dataclass (and `attach` / `build` / `connect`).
 ALGORITHMS = {
     "none": "dtrain.algorithms.local_only",
@@ -109,6 +111,7 @@ class RunConfig:
     comm: Any = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     lisa: Any = None  # LISA's options (dtrain.algorithms.lisa.Config) when algo lists lisa; None = off
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # hierarchical workers (dtrain.hierarchy)
     steps: int = 300
     seed: int = 0
     eval_every: int = 50
@@ -226,6 +229,12 @@ def validate(cfg: DictConfig) -> None:
             preset_of(o)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    from dtrain import hierarchy  # parallel.* and comm.inner_size together
+
+    try:
+        hierarchy.validate(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     sections = {s: section_module(s, cfg[s].name) for s in SECTIONS}
     if cfg.get("lisa") is not None:
         sections["lisa"] = importlib.import_module(LISA_MODULE)

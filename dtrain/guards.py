@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from dtrain.comm.flat import local
 from dtrain.report import RunNotes
 from dtrain.run_start import elastic
 
@@ -72,7 +73,7 @@ def warn_noops(cfg: DictConfig, world: int, workload: Any, notes: RunNotes) -> N
 
 
 def refuse_nonfinite_weights(model: torch.nn.Module, rank: int, step: int) -> None:
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(local(p)).all())]  # a shard: DTensor
     if bad:
         raise TrainingError(f"weights became NaN/Inf by step {step} on rank {rank} ({bad[0]}); not checkpointing them: "
                             "resume=true continues from the last good checkpoint; lower optim.lr or enable optim.grad_clip")

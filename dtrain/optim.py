@@ -77,10 +77,11 @@ def preset_of(cfg: Any) -> dict[str, Any]:
     return dict(optimizers.PRESETS[cfg.preset])
 
 
-def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Any, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
+    """``extra``: constructor arguments the loop decides (a sharded worker's ``process_group``)."""
     # Groups carry weight decay, so a preset's value must go there or it would be overridden.
     groups = param_groups(model, preset_of(cfg).get("weight_decay", cfg.weight_decay))
-    hyper = constructor_kwargs(cfg)
+    hyper = {**constructor_kwargs(cfg), **extra}
     if cfg.name in TORCH_OPTIMIZERS:
         return TORCH_OPTIMIZERS[cfg.name](groups, foreach=True, **hyper)
     import optimizers

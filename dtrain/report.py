@@ -87,9 +87,10 @@ def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def aggregate_comm(workers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-worker counters plus max and mean over workers, as summary.json's ``comm``."""
-    per = [{k: w["comm"][k] for k in COMM_FIELDS} | {"rank": w["rank"]} for w in workers]
+def aggregate_comm(workers: list[dict[str, Any]], *, key: str = "comm") -> dict[str, Any]:
+    """Per-worker counters plus max and mean over workers, as summary.json's ``comm`` (``key``:
+    which counters of each record; ``comm_inner`` for the traffic inside hierarchical workers)."""
+    per = [{k: w[key][k] for k in COMM_FIELDS} | {"rank": w["rank"]} for w in workers if key in w]
     out: dict[str, Any] = {"per_worker": per}
     for agg, fn in (("max", max), ("mean", lambda v: sum(v) / len(v))):
         out[agg] = {k: fn([p[k] for p in per]) for k in COMM_FIELDS} if per else {}
@@ -103,7 +104,8 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """loss against wall time and against bytes sent (rank 0's log)."""
+    """loss against wall time and against bytes sent (rank 0's log); hierarchical runs add the bytes
+    sent inside the worker (fast links) beside the outer bytes (slow links)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,11 +114,15 @@ def plot_loss(metrics_path: Path, out_path: Path) -> None:
     rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     train = [r for r in rows if r.get("loss") is not None]
     evals = [r for r in rows if r.get("eval") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "wall_s", "wall time (s)"), (axes[1], "bytes_sent", "bytes sent by rank 0")):
-        ax.plot([r[key] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    panels = [("wall_s", "wall time (s)"), ("bytes_sent", "bytes sent by rank 0")]
+    if any("inner_bytes_sent" in r for r in train):
+        panels = [panels[0], ("bytes_sent", "outer bytes sent by rank 0 (slow links)"),
+                  ("inner_bytes_sent", "inner bytes sent by rank 0 (inside the worker)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot([r[key] for r in train if key in r], [r["loss"] for r in train if key in r], label="train loss", lw=1)
         if evals:
-            ax.plot([r[key] for r in evals], [r["eval"] for r in evals], "o-", label="validation", ms=3)
+            ax.plot([r[key] for r in evals if key in r], [r["eval"] for r in evals if key in r], "o-", label="validation", ms=3)
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)

@@ -132,7 +132,8 @@ def describe(out_dir: str | Path) -> str:
         parts.append(f"a finished {summary.get('algorithm', '?')} run of {summary.get('steps', '?')} steps")
     except (OSError, ValueError):
         parts.append("an unfinished run")
-    ckpts = list((d / "checkpoints").glob("rank*/step_*.pt")) if (d / "checkpoints").is_dir() else []
+    ckpts = [*(d / "checkpoints").glob("rank*/step_*.pt"), *(d / "checkpoints").glob("worker*/step_*[0-9]")
+             ] if (d / "checkpoints").is_dir() else []
     if ckpts:
         parts.append(f"{len(ckpts)} checkpoint files")
     return ", ".join(parts)

@@ -22,13 +22,14 @@ class RunState:
     nonfinite_steps: int = 0
     initial_eval: float | None = None
     comm: CommStats = field(default_factory=CommStats)
+    comm_inner: CommStats = field(default_factory=CommStats)  # inside a hierarchical worker (fast links)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "comm": self.comm.as_dict()}
+        return {**asdict(self), "comm": self.comm.as_dict(), "comm_inner": self.comm_inner.as_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for f in fields(self):
-            if f.name == "comm":
-                self.comm = CommStats(**state.get("comm", {}))
+            if f.name in ("comm", "comm_inner"):
+                setattr(self, f.name, CommStats(**state.get(f.name, {})))
             elif f.name in state:
                 setattr(self, f.name, state[f.name])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dtrain import checkpoint, run_dir
+from dtrain import checkpoint, hierarchy, run_dir
 from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
 from dtrain.comm.base import Comm, CommError, CommStats
 from dtrain.config import section_module
@@ -44,7 +44,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         results = run_local(n, lambda comm: train_worker(cfg, comm), timeout=cfg.comm.timeout_s)
         return results[0]
     _set_threads(cfg, workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    comm = section_module("comm", cfg.comm.name).connect(cfg.comm)
+    # hierarchy hook: a worker of comm.inner_size processes gets the outer comm (dtrain.hierarchy)
+    comm = hierarchy.connect(cfg) if hierarchy.enabled(cfg) else section_module("comm", cfg.comm.name).connect(cfg.comm)
     try:
         return run_worker(cfg, comm)
     finally:
@@ -79,7 +80,7 @@ def _set_threads(cfg: DictConfig, *, workers_here: int) -> None:
 
 def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
     """One worker's whole run on ``comm``; the summary on rank 0, None elsewhere."""
-    lock = run_dir.RunDirLock(cfg.out_dir, comm.rank)  # before anything is written to out_dir
+    lock = run_dir.RunDirLock(cfg.out_dir, hierarchy.process_rank(comm))  # before anything is written to out_dir
     try:
         return Worker(cfg, comm).train()
     finally:
@@ -100,11 +101,11 @@ class Parts:
     @classmethod
     def build(cls, cfg: DictConfig, comm: Comm) -> Parts:
         workload = section_module("workload", cfg.workload.name).build(cfg.workload, seed=cfg.seed)
-        model = workload.build_model()
+        model = hierarchy.wrap_for_run(workload.build_model(), comm, cfg)  # hierarchy hook: FSDP2/DDP inside a worker
         algo = section_module("algo", cfg.algo.name)
         own = getattr(algo, "make_optimizer", None)  # an algorithm that is the optimizer (SPSA) builds itself
         optimizer = (own(cfg.algo, model, comm, lr=cfg.optim.lr, seed=cfg.seed) if own is not None
-                     else build_optimizer(cfg.optim, model))
+                     else build_optimizer(cfg.optim, model, **hierarchy.optimizer_kwargs(cfg, comm)))
         ctx = AttachContext(
             model=model, optimizer=optimizer, comm=comm, seed=cfg.seed, total_steps=cfg.steps,
             lr=optimizer.param_groups[0]["lr"], workload=workload,
@@ -145,7 +146,9 @@ class Worker:
 
     def __init__(self, cfg: DictConfig, comm: Comm) -> None:
         self.cfg, self.comm = cfg, comm
-        self.rank, self.world = comm.rank, comm.world_size
+        self.rank, self.world = comm.rank, comm.world_size  # hierarchical: the worker's index and the number of workers
+        self.lead = hierarchy.is_lead(comm)  # writes the run's files (rank 0; hierarchical: worker 0's process 0)
+        self.store = hierarchy.checkpoint_store(comm)  # dtrain.checkpoint, or DCP per worker (hierarchy hook)
         self.out = Path(cfg.out_dir)
         self.notes = RunNotes(self.rank)
         self.parts = Parts.build(cfg, comm)
@@ -159,25 +162,34 @@ class Worker:
     # -- start ------------------------------------------------------------------------------
     def begin(self) -> None:
         """Claim out_dir, resume or join, and write the run's own files (rank 0)."""
-        self.start, saved = open_run(self.cfg, self.comm, self.ident, self.notes)
+        self.start, saved = open_run(self.cfg, self.comm, self.ident, self.notes, store=self.store)
+        hierarchy.all_decided(self.comm)  # hierarchy hook: no process writes before every one has looked at out_dir
         if self.start is not None:
             run_dir.check_model_shapes(saved["model"], self.parts.model.state_dict(),
-                                       where=checkpoint_path(self.cfg, self.rank, self.start))
+                                       where=checkpoint_path(self.cfg, self.rank, self.start, store=self.store))
             self.parts.load_state_dicts(saved)
             self.state.load_state_dict(saved["run"])
         self.comm.activate()  # state loaded: a joiner takes part from here on (a no-op for everyone else)
-        if self.rank == 0:
+        if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
             if self.start is None:
                 run_dir.write_run_record(self.out, self.ident)
         self.comm_before = self.state.comm.copy()
         self.window = self.comm.stats.copy()  # counters cover training only (setup collectives excluded)
-        self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start) if self.rank == 0 else None
+        self.inner_window = self.inner_stats()
+        self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start) if self.lead else None
         self.wall0 = time.perf_counter() - self.state.wall_s
 
     def comm_now(self) -> CommStats:
         return self.comm_before + (self.comm.stats - self.window)
+
+    def inner_stats(self) -> CommStats:
+        return self.comm.inner_comm.stats.copy() if self.comm.inner_comm is not None else CommStats()
+
+    def inner_now(self) -> CommStats:
+        """Fast-link traffic inside a hierarchical worker (FSDP2/DDP), this process, since training began."""
+        return self.state.comm_inner + (self.inner_stats() - self.inner_window)
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any] | None:
@@ -187,10 +199,10 @@ class Worker:
             self.state.initial_eval = _evaluate(p.workload, p.model, p.optimizer)[p.workload.metric]
             self.write({"step": 0, "wall_s": 0.0, "train_time_s": 0.0, "eval": finite_or_none(self.state.initial_eval),
                         "metric": p.workload.metric, "bytes_sent": 0, "bytes_recv": 0})
-        bar = Progress(enabled=cfg.progress and self.rank == 0, total=cfg.steps, initial=self.start or 0)
+        bar = Progress(enabled=cfg.progress and self.lead, total=cfg.steps, initial=self.start or 0)
         for step in range(self.start or 0, cfg.steps):
             t0 = time.perf_counter()
-            batch = p.workload.train_batch(step, self.rank, self.world)
+            batch = hierarchy.run_batch(p.workload.train_batch(step, self.rank, self.world), self.comm)
             self.train_step(step, batch)
             done = step + 1
             bar.update(1, loss=self.last_loss, tokens_per_s=_items(batch) / max(time.perf_counter() - t0, 1e-9),
@@ -209,7 +221,7 @@ class Worker:
         t0 = time.perf_counter()
         skipped_before = skipped_updates(p.algorithm)
         talked_before = (self.comm.stats.collectives, self.comm.stats.messages)
-        loss = _train_step(self.cfg, p.model, p.optimizer, p.attached, p.workload, batch)
+        loss = _train_step(self.cfg, p.model, p.optimizer, p.attached, p.workload, batch, comm=self.comm)
         if p.attached.scheduler_takes_loss:
             p.scheduler.step(loss if math.isfinite(loss) else None)
         else:
@@ -234,7 +246,7 @@ class Worker:
         self.write({"step": done, "wall_s": time.perf_counter() - self.wall0, "train_time_s": self.state.train_time_s,
                     "loss": finite_or_none(sum(self.recent) / len(self.recent)) if self.recent else None,
                     "lr": self.parts.optimizer.param_groups[0]["lr"], "bytes_sent": stats.bytes_sent,
-                    "bytes_recv": stats.bytes_recv})
+                    "bytes_recv": stats.bytes_recv, **self.inner_row()})
         self.recent = []
 
     def maybe_eval(self, done: int) -> None:
@@ -248,20 +260,24 @@ class Worker:
         stats = self.comm_now()
         self.write({"step": done, "wall_s": time.perf_counter() - self.wall0, "train_time_s": self.state.train_time_s,
                     "eval": finite_or_none(value), "metric": p.workload.metric, "bytes_sent": stats.bytes_sent,
-                    "bytes_recv": stats.bytes_recv})
+                    "bytes_recv": stats.bytes_recv, **self.inner_row()})
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a checkpoint (or a joining peer) needs to continue this worker's trajectory."""
         self.state.wall_s = time.perf_counter() - self.wall0
         self.state.comm = self.comm_now()
+        self.state.comm_inner = self.inner_now()
         return {**self.parts.state_dicts(), "run": self.state.state_dict()}
+
+    def inner_row(self) -> dict[str, Any]:
+        return {"inner_bytes_sent": self.inner_now().bytes_sent} if self.comm.inner_comm is not None else {}
 
     def maybe_checkpoint(self, done: int) -> None:
         every = self.cfg.ckpt_every
         if not every or (done % every and done != self.cfg.steps):
             return
         refuse_nonfinite_weights(self.parts.model, self.rank, done)  # a bad checkpoint must never rotate out a good one
-        checkpoint.save(self.out, self.rank, done, {"identity": self.ident, **self.snapshot()})
+        self.store.save(self.out, self.rank, done, {"identity": self.ident, **self.snapshot()})
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any] | None:
@@ -277,28 +293,36 @@ class Worker:
             "initial_eval": finite_or_none(s.initial_eval), "resumed_from": self.start,
             "skipped_steps": getattr(p.algorithm, "skipped_steps", 0), "peak_mem_bytes": peak_mem_bytes(),
             "comm": self.comm_now().as_dict(), "algorithm": getattr(p.algorithm, "report", dict)(),
+            **({"comm_inner": self.inner_now().as_dict()} if self.comm.inner_comm is not None else {}),
             "lisa": p.lisa.report() if p.lisa is not None else None, "warnings": self.notes.items,
         }
         if self.log is not None:
             self.log.close()
         records = _gather_records(self.comm, record)
-        if self.rank != 0:
+        if not self.lead:
             return None
         summary = _summary(cfg, p.workload, self.world, records)
+        summary.update(hierarchy.summary_fields(self.comm, records))
         write_json(self.out / "summary.json", summary)
         if cfg.plot:
             plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
         return summary
 
 
-def _train_step(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, attached: Attached, workload: Any, batch: Any) -> float:
+def _train_step(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, attached: Attached, workload: Any,
+                batch: Any, *, comm: Comm | None = None) -> float:
     """One step; a non-finite loss or gradient never reaches the weights (grads dropped, step skipped)."""
+    # hierarchy hook: a worker's processes backward together (FSDP2/DDP collectives) and agree on the norm
+    grouped = comm is not None and comm.inner_comm is not None
     if attached.forward_only:  # the algorithm is the optimizer (SPSA): its step runs the forwards and fires its hooks
         return float(optimizer.step(lambda: workload.loss(model, batch)))
     loss = workload.loss(model, batch)
     value = float(loss.detach())
     ok = math.isfinite(value)
-    if ok:
+    if grouped:  # a NaN loss still backwards (FSDP2/DDP collectives); the worker's processes agree to skip
+        loss.backward()
+        ok, value = hierarchy.agree_step(list(model.parameters()), cfg.optim.grad_clip, comm, value)
+    elif ok:
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if cfg.optim.grad_clip > 0:

@@ -2,6 +2,8 @@
 
     python launchers/wan.py --workers 4 --rate 100mbit [--delay-ms 50] -- configs/noloco.yaml steps=300
     python launchers/wan.py --workers 2 --rate 100mbit --delay-ms 50 --probe   # measure the links only
+    python launchers/wan.py --workers 2 --inner-size 2 --rate 100mbit --delay-ms 50 -- configs/diloco.yaml \
+        comm.inner_size=2 parallel.inner=fsdp                                   # 2 sites x 2 processes
 
 Topology: worker i lives in namespace ``<tag>w<i>`` with one veth (``eth0``, 10.213.i.2/24) whose
 other end (``h<i>``, 10.213.i.1) sits in a hub namespace ``<tag>h`` that routes between workers.
@@ -16,8 +18,11 @@ keeps the packet rate low) and a little jitter when the machine is loaded; ``--p
 RTT and throughput that the workers actually get.
 
 One torchrun per namespace (``--nnodes N --node-rank i``, static rendezvous whose store worker 0
-hosts at 10.213.0.2, reached through the hub); gloo is pinned to ``eth0``. Everything created is
-removed on exit, also on failure or Ctrl-C. The job's arguments go to ``--entry`` (default
+hosts at 10.213.0.2, reached through the hub); gloo is pinned to ``eth0``. ``--inner-size K`` starts K
+processes in each namespace (ranks i*K .. i*K+K-1, which is how ``comm.inner_size=K`` groups a
+worker): they reach each other at their own namespace's address, which the kernel routes over
+loopback, unshaped, so a worker's inner traffic is fast and only its outer traffic crosses the link.
+Everything created is removed on exit, also on failure or Ctrl-C. The job's arguments go to ``--entry`` (default
 ``-m dtrain.cli train``).
 """
 
@@ -184,7 +189,9 @@ def probe(wan: Wan, nbytes: int = 12_500_000) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=4, help="network namespaces (sites)")
+    parser.add_argument("--inner-size", type=int, default=1, help="processes per namespace (a hierarchical worker's "
+                        "comm.inner_size)")
     parser.add_argument("--rate", default="100mbit", help="tc rate per link and direction; '' for unshaped")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way latency added between any two workers")
     parser.add_argument("--entry", default="-m dtrain.cli train", help="what torchrun runs (script or -m module)")
@@ -201,6 +208,14 @@ def main() -> int:
         print("wan.py: error: network namespaces need root; run as root (or in a container with CAP_NET_ADMIN)", file=sys.stderr)
         return 2
     job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if args.inner_size < 1:
+        print(f"wan.py: error: --inner-size must be >= 1, got {args.inner_size}", file=sys.stderr)
+        return 2
+    asked = [a.split("=", 1)[1] for a in job if a.startswith("comm.inner_size=")]
+    if asked and asked[-1] != str(args.inner_size):
+        print(f"wan.py: error: the job sets comm.inner_size={asked[-1]} but --inner-size {args.inner_size} puts "
+              f"{args.inner_size} processes in each namespace; make them equal", file=sys.stderr)
+        return 2
     wan = Wan(args.workers, rate=args.rate, delay_ms=args.delay_ms, tag=args.tag)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -212,7 +227,7 @@ def main() -> int:
                "HOME": os.environ.get("HOME", "/root")}
         procs = [
             wan.spawn(i, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.workers), "--node-rank", str(i),
-                          "--nproc-per-node", "1", "--rdzv-backend", "static", "--master-addr", worker_ip(0),
+                          "--nproc-per-node", str(args.inner_size), "--rdzv-backend", "static", "--master-addr", worker_ip(0),
                           "--master-port", str(args.port), *args.entry.split(), *job], env)
             for i in range(args.workers)
         ]

@@ -31,6 +31,22 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 _NO_BIAS_CORRECTION_STEP = 1e30
 
 
+def local(t: Tensor) -> Tensor:
+    """This process's shard of a DTensor (FSDP2's sharded parameters, their grads and the state made
+    like them), sharing its storage; any other tensor as is. The step runs on shards, and the
+    optimizer-wide sums (d, distances) are completed over the shards by the `Reducer`."""
+    return t.to_local() if hasattr(t, "device_mesh") else t
+
+
+def local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's state with every DTensor as its shard (same storage, so in-place updates land)."""
+    return {k: local(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def sharded(t: Tensor) -> bool:
+    return hasattr(t, "device_mesh")
+
+
 def cpu_layout(t: Tensor) -> bool:
     """Whether to use the CPU strategy (cache-sized buckets, scratch temporaries) for ``t``'s device."""
     return t.device.type == "cpu"

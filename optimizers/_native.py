@@ -173,7 +173,8 @@ def fits(*lists: Sequence[Optional[Tensor]]) -> bool:
         return False
     sizes = [t.numel() for t in lists[0]]
     return all(len(ts) == len(sizes) for ts in lists) and all(
-        t is None or (t.device.type == "cpu" and t.dtype == t0.dtype and t.layout == torch.strided
+        t is None or (not hasattr(t, "device_mesh")  # a DTensor's pointer is not its shard's: never raw memory
+                      and t.device.type == "cpu" and t.dtype == t0.dtype and t.layout == torch.strided
                       and t.is_contiguous() and t.numel() == n)
         for ts in lists for t, n in zip(ts, sizes))
 

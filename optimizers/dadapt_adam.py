@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype, check_betas,
-                      check_fused, check_range, check_same_across_groups, dot, fresh, l1_total, pull, scale_add_,
+                      check_fused, check_range, check_same_across_groups, dot, fresh, l1_total, local, local_state, pull,
+                      scale_add_,
                       sum_abs, use_fused)
 
 _SHARED = ("betas", "use_bias_correction", "decouple", "growth_rate", "d0")
@@ -91,9 +92,10 @@ class DAdaptAdam(KeepsExtras, torch.optim.Optimizer):
             fn = _step_foreach if group["foreach"] else _step_loop
             for (dev, _), idx in by_device_dtype(len(params), lambda i: params[i]).items():
                 device = dev
-                ps = [params[i] for i in idx]
-                sts = [self._state(p) for p in ps]
-                lists = [ps, [p.grad for p in ps], [s["exp_avg"] for s in sts],
+                # shards of DTensor parameters (FSDP2): the sums below are completed by the reducer
+                sts = [local_state(self._state(params[i])) for i in idx]
+                ps = [local(params[i]) for i in idx]
+                lists = [ps, [local(params[i].grad) for i in idx], [s["exp_avg"] for s in sts],
                          [s["exp_avg_sq"] for s in sts], [s["s"] for s in sts]]
                 n0, m0 = len(num_parts), len(den_parts)
                 fused = group["foreach"] and use_fused(type(self).__name__, group.get("fused"), ps[0])

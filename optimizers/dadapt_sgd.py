@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype,
-                      check_range, check_same_across_groups, dot, fresh, pull, sumsq)
+                      check_range, check_same_across_groups, dot, fresh, local, local_state, pull, sumsq)
 
 _SHARED = ("growth_rate", "d0")
 
@@ -68,7 +68,7 @@ class DAdaptSGD(KeepsExtras, torch.optim.Optimizer):
 
         g0_norm = g0["g0_norm"]
         if g0_norm is None:  # first step: the raw gradient norm fixes the scale of d
-            parts = [x for _, ps in active for x in sumsq([p.grad for p in ps])]
+            parts = [x for _, ps in active for x in sumsq([local(p.grad) for p in ps])]
             (gsq,) = pull([add_total(parts, device)], device, self._reducer)
             if gsq == 0.0:
                 return loss  # nothing to scale by yet; try again next step
@@ -84,9 +84,10 @@ class DAdaptSGD(KeepsExtras, torch.optim.Optimizer):
             fn = _step_foreach if group["foreach"] else _step_loop
             momentum = group["momentum"]
             for _, idx in by_device_dtype(len(params), lambda i: params[i]).items():
-                ps = [params[i] for i in idx]
-                sts = [self._state(p, momentum) for p in ps]
-                lists = [ps, [p.grad for p in ps], [s["s"] for s in sts]]
+                # shards of DTensor parameters (FSDP2): the sums below are completed by the reducer
+                sts = [local_state(self._state(params[i], momentum)) for i in idx]
+                ps = [local(params[i]) for i in idx]
+                lists = [ps, [local(params[i].grad) for i in idx], [s["s"] for s in sts]]
                 if momentum > 0:
                     lists.append([s["z"] for s in sts])
                 for _, views in buckets(lists):

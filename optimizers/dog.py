@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _common, _lowp, _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, buckets, by_device_dtype, check_fused, check_range,
-                      dense, dot, fresh, pull_scattered, sumsq, use_fused)
+                      dense, dot, fresh, local, pull_scattered, sumsq, use_fused)
 
 
 class DoG(KeepsExtras, torch.optim.Optimizer):
@@ -87,15 +87,18 @@ class DoG(KeepsExtras, torch.optim.Optimizer):
             for w, p, st in zip(ws, params, states):
                 if "x0" not in st:  # every parameter of the group: the distance is over the whole vector
                     st["x0"] = _lowp.float_state(w, p)
+            # shards of DTensor parameters (FSDP2): the distances and norms are summed by the reducer
+            ws, gs = [local(w) for w in ws], {i: local(g) for i, g in gs.items()}
+            x0s = [local(st["x0"]) for st in states]
             n_units = len(params) if self.layer_wise else 1
             for i in (i for i, p in enumerate(params) if p.grad is None):  # not updated, still part of x
-                diff = ws[i] if first else ws[i] - states[i]["x0"]
+                diff = ws[i] if first else ws[i] - x0s[i]
                 parts.append(dot(diff, diff))
                 slots.append(size + (i if self.layer_wise else 0))
             for (dev, _), sub in by_device_dtype(len(active), lambda j: ws[active[j]]).items():
                 device = dev
                 ids = [active[j] for j in sub]
-                lists = [[ws[i] for i in ids], [gs[i] for i in ids], [states[i]["x0"] for i in ids]]
+                lists = [[ws[i] for i in ids], [gs[i] for i in ids], [x0s[i] for i in ids]]
                 if group["foreach"] and _native.usable(group.get("fused"), *lists):  # one pass, no temporaries
                     sums = _native.run(_native.DOG_STATS, lists, [group["weight_decay"], float(first)], nred=2)
                     if self.layer_wise:

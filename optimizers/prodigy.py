@@ -17,8 +17,8 @@ from torch import Tensor
 
 from . import _native
 from ._common import (KeepsExtras, ParamsT, Reducer, Scratch, add_total, buckets, by_device_dtype, check_betas,
-                      check_fused, check_range, check_same_across_groups, dense, dot, fresh, l1_total, pull,
-                      scale_add_, sum_abs, use_fused)
+                      check_fused, check_range, check_same_across_groups, dense, dot, fresh, l1_total, local,
+                      local_state, pull, scale_add_, sharded, sum_abs, use_fused)
 
 # Settings that enter the single optimizer-wide d; they must agree across groups.
 _SHARED = ("betas", "beta3", "d0", "d_coef", "growth_rate", "use_bias_correction",
@@ -71,10 +71,14 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
     def _init_state(self, p: Tensor, beta1: float, slice_p: int) -> dict[str, Tensor]:
         state = self.state[p]
         if "exp_avg_sq" not in state:
+            if slice_p != 1 and sharded(p):
+                raise ValueError(f"{type(self).__name__}: slice_p={slice_p} needs whole parameters; sharded (DTensor) "
+                                 "parameters take slice_p=1")
             sl = _sliced(p.detach(), slice_p)
             state["s"] = torch.zeros_like(sl)
-            # an all-zero start (typical for biases) is stored as a 0-dim zero
-            state["p0"] = sl.clone() if bool(p.any()) else torch.zeros((), dtype=p.dtype, device=p.device)
+            # an all-zero start (typical for biases) is stored as a 0-dim zero (never for a sharded
+            # parameter: its shards would disagree on the form of its state)
+            state["p0"] = sl.clone() if sharded(p) or bool(p.any()) else torch.zeros((), dtype=p.dtype, device=p.device)
             if beta1 > 0:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -110,10 +114,11 @@ class Prodigy(KeepsExtras, torch.optim.Optimizer):
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             for _, idx in by_device_dtype(len(params), lambda i: params[i]).items():
-                ps = [params[i] for i in idx]
+                # shards of DTensor parameters (FSDP2): the sums below are completed by the reducer
+                sts = [local_state(self._init_state(params[i], beta1, slice_p)) for i in idx]
+                ps = [local(params[i]) for i in idx]
                 # fused Adam needs a first moment to write into (beta1 == 0 keeps the foreach path)
-                gs = [p.grad for p in ps]
-                sts = [self._init_state(p, beta1, slice_p) for p in ps]
+                gs = [local(params[i].grad) for i in idx]
                 fused = (group["foreach"] and beta1 > 0 and use_fused(type(self).__name__, group.get("fused"), ps[0])
                          and dense(ps, gs, [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]))
                 # native: the statistics and then the whole Adam update as two passes, reading g directly

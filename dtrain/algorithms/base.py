@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from dtrain.comm.base import Comm
+from dtrain.comm.flat import local, locals_  # noqa: F401 - re-exported for the algorithms
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -36,6 +37,19 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def all_finite(comm: Comm, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are finite on this worker. A worker of several processes (``comm.inner_comm``,
+    FSDP2 shards) agrees by one tiny inner reduction, so its processes skip or apply an update together."""
+    checks = [torch.isfinite(local(t)).all() for t in tensors if t.is_floating_point()]
+    ok = bool(torch.stack(checks).all()) if checks else True  # one host sync for the whole list
+    inner = comm.inner_comm
+    if inner is None or inner.world_size == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0])
+    inner.all_reduce([flag], op="min")
+    return bool(flag.item() > 0)
 
 
 C = TypeVar("C")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dtrain.comm.base import Comm, Handle
-from dtrain.comm.flat import split_like
+from dtrain.comm.flat import like, local, split_like
 
 FIRST_BUCKET_BYTES = 1 << 20  # torch DDP's first bucket: 1 MiB, so the first reduce starts early
 BUCKET_BYTES = 25 << 20  # torch DDP's bucket_cap_mb default
@@ -61,6 +61,9 @@ class GradBuckets:
         self._armed = False  # inside a backward whose end callback is queued
         self._bad = False  # a local gradient was not finite this step
         self.paused = False  # inside DDP.no_sync(): backward accumulates locally and sends nothing
+        # A hierarchical worker's gradients are whole only once its inner reduction (FSDP2's
+        # reduce-scatter into DTensor shards, torch DDP's all-reduce) ends with backward: reduce at the step.
+        self.at_step = comm.inner_comm is not None
         self.verdict: str | None = None  # None: nothing reduced yet this step
 
     # -- layout ----------------------------------------------------------------------------
@@ -80,7 +83,7 @@ class GradBuckets:
         for p in reversed(trainable):
             group = open_.setdefault(p.dtype, [])
             group.append(p)
-            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel() * p.element_size()
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + local(p).numel() * p.element_size()
             if sizes[p.dtype] >= self._caps[0 if not self.buckets else 1]:
                 self._close(group)
                 open_[p.dtype], sizes[p.dtype] = [], 0
@@ -92,7 +95,7 @@ class GradBuckets:
         return True
 
     def _close(self, params: list[torch.Tensor]) -> None:
-        flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        flat = torch.zeros(sum(local(p).numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         bucket = _Bucket(params=params, flat=flat, views=split_like(flat, params),
                          index={id(p): i for i, p in enumerate(params)})
         self.buckets.append(bucket)
@@ -106,7 +109,7 @@ class GradBuckets:
 
     # -- during backward -------------------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
-        if self.paused:
+        if self.paused or self.at_step:
             return
         if not self._armed:
             self._arm()
@@ -135,8 +138,8 @@ class GradBuckets:
         if missing:
             torch._foreach_zero_(missing)
         # A grad already a view of this buffer (zero_grad(set_to_none=False) kept it) is in place.
-        pairs = [(v, p.grad) for v, p in zip(bucket.views, bucket.params)
-                 if p.grad is not None and p.grad.data_ptr() != v.data_ptr()]
+        pairs = [(v, local(p.grad)) for v, p in zip(bucket.views, bucket.params)
+                 if p.grad is not None and local(p.grad).data_ptr() != v.data_ptr()]
         if pairs:
             torch._foreach_copy_([v for v, _ in pairs], [g.detach().reshape(v.shape) for v, g in pairs])
         if bucket.has_flag:
@@ -177,7 +180,7 @@ class GradBuckets:
             self.verdict = self.verdict or OK
             return
         flagged = bool(self.buckets[-1].flat[-1] > 0)
-        verdict = PEER_NONFINITE if not finite(*flats) else FLAGGED if flagged else OK
+        verdict = _agreed(self.comm, PEER_NONFINITE if not finite(*flats) else FLAGGED if flagged else OK)
         if self.verdict not in (None, OK):  # a second backward before the step keeps the first skip
             verdict = self.verdict
         self.verdict = verdict
@@ -190,7 +193,7 @@ class GradBuckets:
         for b in self.buckets:
             for p, v in zip(b.params, b.views):
                 if p.requires_grad:
-                    p.grad = v
+                    p.grad = like(v, p)  # a DTensor parameter's shard: its grad is a DTensor again
 
     def take_verdict(self) -> str | None:
         """This step's verdict (None if nothing was reduced); resets for the next step."""
@@ -201,6 +204,18 @@ class GradBuckets:
         for h in self._hooks.values():
             h.remove()
         self._hooks = {}
+
+
+def _agreed(comm: Comm, verdict: str) -> str:
+    """The worst verdict over a sharded worker's processes (each judged its own shard), so they step
+    or skip together; as is for a worker of one process."""
+    inner = comm.inner_comm
+    if inner is None or inner.world_size == 1:
+        return verdict
+    order = (OK, FLAGGED, PEER_NONFINITE)
+    code = torch.tensor([float(order.index(verdict))])
+    inner.all_reduce([code], op="max")
+    return order[int(code.item())]
 
 
 def finite(*tensors: torch.Tensor) -> bool:

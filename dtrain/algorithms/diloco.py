@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import Algorithm, check_outer_step
+from dtrain.algorithms.base import Algorithm, all_finite, check_outer_step, locals_
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor, start_mean
 from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
@@ -152,9 +152,11 @@ class DiLoCo(Algorithm):
         held = [i for i, h in enumerate(self.held) if h]
         params = [self.params[i] for i in held] if len(held) < len(self.held) else self.params
         outer = [self.outer_params[i] for i in held]
-        deltas = [phi.grad for phi in outer]
-        torch._foreach_copy_(deltas, outer)
-        torch._foreach_sub_(deltas, [p.detach().to(phi.device, non_blocking=True) for p, phi in zip(params, outer)])
+        # Local shards (DTensor parameters of a sharded worker: dtrain.hierarchy); plain tensors as they are.
+        local_outer, local_params = locals_(outer), locals_([p.detach() for p in params])
+        deltas = locals_([phi.grad for phi in outer])
+        torch._foreach_copy_(deltas, local_outer)
+        torch._foreach_sub_(deltas, [t.to(phi.device, non_blocking=True) for t, phi in zip(local_params, local_outer)])
         keys: list[str] = []
         if self.robust.active:
             self._robust_mean(deltas)
@@ -165,7 +167,7 @@ class DiLoCo(Algorithm):
             self.outer_blocked_s += self.comm.stats.blocked_s - blocked
             keys = pending.keys
         # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean.
-        if not all(bool(torch.isfinite(d).all()) for d in deltas):
+        if not all_finite(self.comm, deltas):  # a sharded worker's processes agree (one inner reduction)
             # Every worker sees the same reduced Δ, so every worker skips together.
             self.skipped_syncs += 1
             for key in keys:
@@ -175,7 +177,7 @@ class DiLoCo(Algorithm):
             self.outer_syncs += 1
             for key in keys:
                 self.compressor.settle(key)
-        torch._foreach_copy_([p.detach() for p in params], outer)
+        torch._foreach_copy_(local_params, local_outer)
         for i in sorted(self._release_at_sync):
             self._drop(i)
         self._release_at_sync.clear()

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from dtrain.algorithms.base import local, locals_
+
 
 class IterateMean:
     """Running mean of a list of parameters over one converge interval (one extra copy of them).
@@ -41,7 +43,8 @@ class IterateMean:
         if self.count == 0:
             self._mean = [p.detach().clone() for p in params]
         else:
-            torch._foreach_lerp_(self._mean, [p.detach() for p in params], 1.0 / (self.count + 1))
+            # local shards of DTensor parameters (dtrain.hierarchy); plain tensors as they are
+            torch._foreach_lerp_(locals_(self._mean), locals_([p.detach() for p in params]), 1.0 / (self.count + 1))
         self.count += 1
 
     @torch.no_grad()
@@ -62,5 +65,12 @@ class IterateMean:
 
     def _swap(self, params: list[torch.Tensor]) -> None:
         # Exchange storages rather than copy: no second copy of the model, and exact on the way back.
+        # A sharded (DTensor) parameter keeps its storage (FSDP2 gathers from it): its shard is swapped by copies.
         for p, m in zip(params, self._mean):
-            p.data, m.data = m.data, p.data
+            if hasattr(p, "device_mesh"):
+                mine, theirs = local(p.detach()), local(m)
+                keep = mine.clone()
+                mine.copy_(theirs)
+                theirs.copy_(keep)
+            else:
+                p.data, m.data = m.data, p.data

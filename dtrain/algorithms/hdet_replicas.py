@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import optimizer_params
+from dtrain.algorithms.base import all_finite, locals_, optimizer_params
 from dtrain.comm.base import Comm
 
 
@@ -35,15 +35,16 @@ def average_finite(comm: Comm, tensors: list[torch.Tensor]) -> None:
     spreads through the average.
     """
     for group in by_dtype(tensors):
-        finite = all(bool(torch.isfinite(t).all()) for t in group)
+        shards = locals_(group)  # a sharded worker's DTensors: their shards (its processes agree on finite)
+        finite = all_finite(comm, shards)
         count = torch.ones(1, dtype=group[0].dtype, device=group[0].device)
         if not finite:
-            for t in group:
+            for t in shards:
                 t.zero_()
             count.zero_()
         comm.all_reduce([*group, count], op="sum")
         if count.item() > 0:
-            for t in group:
+            for t in shards:
                 t.div_(count)
 
 

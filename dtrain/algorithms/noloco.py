@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
+from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step, locals_
 from dtrain.algorithms.noloco_layout import HeldLayout
 from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of
 from dtrain.algorithms.noloco_math import groups_for_round  # noqa: F401 - re-exported for callers of noloco
@@ -72,7 +72,7 @@ from dtrain.algorithms.outer_reduce import Compressor
 from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype, degenerate
 from dtrain.comm.base import BadPeerData, Comm, CommError, Handle, PeerTimeout
-from dtrain.comm.flat import flatten, group_by_dtype, split_like
+from dtrain.comm.flat import flatten, group_by_dtype, like, split_like
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class NoLoCo(HeldLayout, Algorithm):
             self.solo_rounds += 1
         for idx, phi in zip(self.dtype_groups, self.phi):
             group = [params[i] for i in idx]
-            torch._foreach_copy_([p.detach() for p in group], split_like(phi, group))
+            torch._foreach_copy_(locals_([p.detach() for p in group]), split_like(phi, group))  # shards: DTensors
         self._settled = True
         if self._changes:  # a round boundary: the next round's φ is not sent yet
             self._apply_changes()
@@ -338,7 +338,7 @@ class NoLoCo(HeldLayout, Algorithm):
         return {
             **super().state_dict(),
             "outer_syncs": self.outer_syncs, "solo_rounds": self.solo_rounds, "member_failures": self.member_failures,
-            "phi": [f.clone() for f in self.phi], "momentum": [m.clone() for m in self.momentum],
+            "phi": self._saved(self.phi), "momentum": self._saved(self.momentum),
             "wire_error": dict(self.wire_error), "robust": self.tracker.state_dict(), "compressor": self.compressor.state_dict(),
             "held": list(self.held), "changes": {int(i): bool(h) for i, h in self._changes.items()}, "settled": self._settled,
         }
@@ -355,6 +355,8 @@ class NoLoCo(HeldLayout, Algorithm):
         self._settled = bool(state.get("settled", False))
         for mine, saved in ((self.phi, state["phi"]), (self.momentum, state["momentum"])):
             saved = [saved] if isinstance(saved, torch.Tensor) else saved  # a checkpoint from before dtype groups
+            if isinstance(saved, dict):  # per parameter, sharded like the parameters (see `_saved`)
+                saved = self._flats(saved["per_param"])
             if len(saved) != len(mine):
                 raise ValueError(f"NoLoCo checkpoint holds {len(saved)} dtype groups, this model has {len(mine)}; "
                                  "resume with the model the checkpoint was written by")
@@ -364,6 +366,20 @@ class NoLoCo(HeldLayout, Algorithm):
         self.tracker.load_state_dict(state.get("robust"))
         self.compressor.load_state_dict(state.get("compressor"))
         self._phi_round, self._phi_handles = -1, {}
+
+    def _saved(self, flats: Flats) -> Any:
+        """φ or δ for a checkpoint: a copy of each dtype group's flat vector; with sharded (DTensor)
+        parameters one tensor per parameter, sharded like it, so a checkpoint reshards (dtrain.hierarchy)."""
+        if not any(hasattr(p, "device_mesh") for p in self.params):
+            return [f.clone() for f in flats]
+        if not all(self.held):
+            raise ValueError("NoLoCo: released parameters (LISA) and sharded parameters do not compose")
+        pieces: dict[int, torch.Tensor] = {}
+        for flat, idx in zip(flats, self.dtype_groups):
+            params = [self.params[i] for i in idx]
+            for i, piece, p in zip(idx, split_like(flat, params), params):
+                pieces[i] = like(piece.clone(), p)
+        return {"per_param": [pieces[i] for i in range(len(self.params))]}
 
     def report(self) -> dict[str, Any]:
         rounds = max(self.outer_syncs, 1)

@@ -102,6 +102,10 @@ class Comm(ABC):
 
     rank: int
     world_size: int
+    # Hierarchical workers (dtrain.hierarchy): the k processes that together hold this worker's
+    # model (fast links); this comm then links process i of every worker (slow links). DTensors
+    # passed to any call travel as their local shards (dtrain.comm.flat.local).
+    inner_comm: Comm | None = None
 
     def __init__(self) -> None:
         self.stats = CommStats()

@@ -14,18 +14,45 @@ from collections.abc import Sequence
 import torch
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a sharded parameter of FSDP2, its grad, its optimizer
+    state), sharing its storage so in-place writes reach the parameter; any other tensor as is.
+    Every transfer moves local shards: a sharded worker's outer traffic per process is its shard."""
+    if not hasattr(t, "device_mesh"):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def locals_(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [local(t) for t in tensors]
+
+
+def like(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``values`` (shaped like ``local(param)``) as a tensor sharded like ``param``: for a DTensor
+    parameter a DTensor on its mesh with its placements (so a checkpoint can reshard it); else as is."""
+    if not hasattr(param, "device_mesh"):
+        return values
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(values, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
 def flat_nbytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One contiguous buffer so a call is one transfer, not one per tensor."""
+    tensors = locals_(tensors)
     if len(tensors) == 1:
         return tensors[0].detach().reshape(-1).clone()
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
 def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    tensors = locals_(tensors)
     offset = 0
     with torch.no_grad():
         for t in tensors:
@@ -35,6 +62,7 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
 
 
 def split_like(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    tensors = locals_(tensors)
     out, offset = [], 0
     for t in tensors:
         n = t.numel()

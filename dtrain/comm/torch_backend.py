@@ -19,9 +19,12 @@ class Config:
     name: str = "torch"
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     timeout_s: float = 600.0
+    inner_size: int = 1  # processes per worker (hierarchical workers, with parallel.inner=fsdp|ddp); divides the world
 
 
 def validate(cfg: Config) -> None:
+    if cfg.inner_size < 1:
+        raise ValueError(f"comm.inner_size must be >= 1, got {cfg.inner_size}")
     if cfg.backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"comm.backend must be auto, gloo or nccl, got {cfg.backend!r}")
     if cfg.timeout_s <= 0:
