@@ -13,3 +13,5 @@ if [ "$gpus" -ge 2 ]; then
     algo.sync_every=20 algo.fragments=4 algo.overlap_steps=2 algo.compression=int4 algo.error_feedback=true \
     algo.outer_device=cpu if_exists=move_aside
 fi
+# issue 18: FSDP2 inside hierarchical workers, bf16 compute, nccl, one process per GPU (unverified)
+bash benchmarks/gpu_check_fsdp.sh

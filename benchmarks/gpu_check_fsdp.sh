@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FSDP2 inside a hierarchical worker, bf16 compute, on CUDA with nccl: one process per GPU.
 # UNVERIFIED: written without a GPU (the CPU/gloo form of every step below is tested in
-# tests/test_hierarchy.py). To be called from benchmarks/gpu_check.sh once that lands.
+# tests/test_hierarchy.py). benchmarks/gpu_check.sh calls it.
 #
 #   bash benchmarks/gpu_check_fsdp.sh [OUT_DIR]
 #

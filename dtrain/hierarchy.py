@@ -85,6 +85,15 @@ def validate(cfg: Any) -> None:
     if p.inner == "fsdp" and algo.get("compression", "none") != "none":
         raise ValueError(f"algo.compression={algo.compression} under parallel.inner=fsdp is not supported yet (its "
                          "error is measured per shard); set algo.compression=none or use parallel.inner=ddp")
+    if p.inner == "fsdp" and algo.get("outer_device", "same") != "same":
+        raise ValueError("algo.outer_device=cpu under parallel.inner=fsdp is not supported yet (outer state follows "
+                         "the shards); set algo.outer_device=same or use parallel.inner=ddp")
+    if p.inner == "fsdp" and algo.name == "streaming_noloco":
+        raise ValueError("algo.name=streaming_noloco does not run on shards yet; use streaming_diloco or noloco "
+                         "under parallel.inner=fsdp, or parallel.inner=ddp")
+    if p.inner == "fsdp" and algo.name == "streaming_diloco" and algo.fragments > 1 and not algo.fragment_paths:
+        raise ValueError("algo.name=streaming_diloco under parallel.inner=fsdp cuts fragments between whole (sharded) "
+                         "tensors: set algo.fragment_paths (module paths per fragment) or algo.fragments=1")
     if p.inner == "fsdp" and cfg.optim.name not in SHARD_AWARE_OPTIMIZERS:
         raise ValueError(f"optim.name={cfg.optim.name} does not step sharded (DTensor) parameters yet; under "
                          f"parallel.inner=fsdp use one of {', '.join(SHARD_AWARE_OPTIMIZERS)}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dtrain.algorithms.base import locals_
 from dtrain.algorithms.fragments import Piece, view
 
 OUTER_DEVICES = ("same", "cpu")
@@ -58,24 +59,26 @@ class OuterState:
                 v.grad = torch.zeros_like(v)
 
     def grads(self, p: int) -> list[torch.Tensor]:
-        return [v.grad for v in self.views[p]]  # type: ignore[misc]
+        """Fragment ``p``'s Δ buffers: local shards where the parameters are DTensors (a sharded worker,
+        whose fragments hold whole tensors), so reductions and checks act on this process's shard."""
+        return locals_([v.grad for v in self.views[p]])  # type: ignore[misc]
 
     def _thetas(self, params: Sequence[torch.Tensor], p: int) -> list[torch.Tensor]:
-        return [view(params[piece[0]].detach(), piece) for piece in self.fragments[p]]
+        return locals_([view(params[piece[0]].detach(), piece) for piece in self.fragments[p]])
 
     @torch.no_grad()
     def deltas(self, params: Sequence[torch.Tensor], p: int) -> list[torch.Tensor]:
         """Δ = φ − θ for fragment ``p``, written into (and returned as) its views' ``.grad``."""
-        deltas = self.grads(p)
-        torch._foreach_copy_(deltas, self.views[p])
-        torch._foreach_sub_(deltas, [t.to(v.device, non_blocking=True) for t, v in zip(self._thetas(params, p), self.views[p])])
+        deltas, views = self.grads(p), locals_(self.views[p])
+        torch._foreach_copy_(deltas, views)
+        torch._foreach_sub_(deltas, [t.to(v.device, non_blocking=True) for t, v in zip(self._thetas(params, p), views)])
         return deltas
 
     @torch.no_grad()
     def mix_into(self, params: Sequence[torch.Tensor], p: int, alpha: float) -> None:
         """θ ← α·θ + (1 − α)·φ for fragment ``p`` (α = 0: θ ← φ exactly)."""
         thetas = self._thetas(params, p)
-        phis = [v.to(t.device, non_blocking=True) for v, t in zip(self.views[p], thetas)]
+        phis = [v.to(t.device, non_blocking=True) for v, t in zip(locals_(self.views[p]), thetas)]
         if alpha == 0:
             torch._foreach_copy_(thetas, phis)
         else:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step
+from dtrain.algorithms.base import Algorithm, AttachContext, Attached, all_finite, check_outer_step
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor, PendingMean, resume_mean, start_mean
 from dtrain.algorithms.fragments import check_schedule, fragments_of
@@ -146,7 +146,7 @@ class StreamingDiLoCo(Algorithm):
         self.outer_blocked_s += self.comm.stats.blocked_s - blocked
         # Check the reduced Δ, never only our own: a peer's NaN arrives in the mean; every worker
         # holds the same mean, so every worker skips together.
-        if all(bool(torch.isfinite(d).all()) for d in pending.targets):
+        if all_finite(self.comm, pending.targets):  # a sharded worker's processes agree (one inner reduction)
             self.outer_optimizers[p].step()
             self.fragment_syncs[p] += 1
             for key in pending.keys:

@@ -20,6 +20,7 @@ from torch import nn
 from dtrain import checkpoint_dcp
 from dtrain.algorithms import DiLoCo, NoLoCo
 from dtrain.algorithms.hdet import HDET
+from dtrain.algorithms.streaming import StreamingDiLoCo
 from dtrain.comm.torch_backend import TorchComm
 from dtrain.hierarchy import OuterComm, full_state, local_batch, wrap
 from optimizers import LDoG, DAdaptAdam, DAdaptSGD, DoG, Prodigy
@@ -172,6 +173,18 @@ def main() -> None:
     algo2.load_state_dict(checkpoint_dcp.load_state(out / f"noloco{lay.worker}", comm)["algorithm"])
     result["noloco_state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(algo.phi + algo.momentum,
                                                                                algo2.phi + algo2.momentum))
+
+    # 3c. Streaming DiLoCo (2 fragments of whole tensors, overlap 1 step, α-mixing) on shards.
+    ends = []
+    for sharded in (True, False):
+        model = wrap(make_model(), comm, "fsdp") if sharded else make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        streaming = StreamingDiLoCo(opt, comm if sharded else ref_comm, model=model, sync_every=4, fragments=2,
+                                    fragment_paths=["inp,out", "blocks"], overlap_steps=1, mix_alpha=0.5)
+        train(model, opt, STEPS, lay.worker, split if sharded else None)
+        ends.append(full_state(model))
+        result[f"streaming_syncs_{'fsdp' if sharded else 'ref'}"] = sum(streaming.fragment_syncs)
+    result["streaming_diff"] = max_diff(*ends)
 
     # 4. The learning-rate-free optimizers' d reduced over the worker's shards equals the un-sharded d.
     for name, make in (("prodigy", Prodigy), ("dadapt_adam", DAdaptAdam), ("dadapt_sgd", lambda ps, **kw: DAdaptSGD(ps, momentum=0.9, **kw)), ("dog", DoG), ("ldog", LDoG)):
