@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dtrain import checkpoint_dcp
-from dtrain.algorithms import DiLoCo, NoLoCo
+from dtrain.algorithms import DDP, DiLoCo, NoLoCo
 from dtrain.algorithms.hdet import HDET
 from dtrain.algorithms.streaming import StreamingDiLoCo
 from dtrain.comm.torch_backend import TorchComm
@@ -173,6 +173,18 @@ def main() -> None:
     algo2.load_state_dict(checkpoint_dcp.load_state(out / f"noloco{lay.worker}", comm)["algorithm"])
     result["noloco_state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(algo.phi + algo.momentum,
                                                                                algo2.phi + algo2.momentum))
+
+    # 3b'. DDP across workers (gradient mean every step) over FSDP2 and over torch DDP inside a worker.
+    for inner in ("fsdp", "ddp"):
+        model = wrap(make_model(), comm, inner)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+        DDP(opt, comm)
+        train(model, opt, STEPS, lay.worker, split)
+        ref = make_model()
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.02)
+        DDP(ref_opt, ref_comm)
+        train(ref, ref_opt, STEPS, lay.worker)
+        result[f"ddp_over_{inner}_diff"] = max_diff(full_state(model), full_state(ref))
 
     # 3c. Streaming DiLoCo (2 fragments of whole tensors, overlap 1 step, α-mixing) on shards.
     ends = []
