@@ -145,7 +145,8 @@ def test_selection_keeps_x1_then_a_second_round_narrows_around_the_winner():
         assert picks == [1, 3] and c == pytest.approx(10**0.5, rel=1e-12)  # round 2: x1/√10, x1, x1, x√10
 
 
-def test_resume_mid_run_over_diloco_is_exact():
+@pytest.mark.parametrize("cut", [7, 17])  # apart in the selection (its solo outer steps), then over DiLoCo
+def test_resume_mid_run_over_diloco_is_exact(cut):
     settings = dict(auto_lr_mode="select", select_steps=10, select_grid="odd", outer="diloco",
                     outer_options=OUTERS["diloco"], converge_every=H, cycle_momentum=False, seed=3)
 
@@ -165,7 +166,7 @@ def test_resume_mid_run_over_diloco_is_exact():
         return [p.detach().clone() for p in model.parameters()], sched.report()["outer"]["outer_syncs"]
 
     whole = run_local(4, lambda comm: worker(comm, STEPS))
-    resumed = run_local(4, lambda comm: worker(comm, 17))  # after the selection, between two outer steps
+    resumed = run_local(4, lambda comm: worker(comm, cut))
     for (a, syncs_a), (b, syncs_b) in zip(whole, resumed):
         assert all(torch.equal(x, y) for x, y in zip(a, b)) and syncs_a == syncs_b == (STEPS - 10) // H
 
