@@ -43,6 +43,7 @@ from dtrain.workloads.char_lm import build
 GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
 MAX_EXTRA_POINTS = 1
 STARTS = (("10x high", 10.0), ("10x low", 0.1), ("best lr", 1.0))
+PARTS = ("diloco", "noloco", "controller", "alternatives", "extras", "ddp")
 FORMS = {"odd": dict(grid="odd", rounds=1), "odd, 2 rounds": dict(grid="odd", rounds=2),
          "even": dict(grid="even", rounds=1)}
 
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=None, help="JSON lines of finished runs (default: next to --out)")
     ap.add_argument("--report-only", action="store_true", help="print the table from --cache; rows with runs missing are left out")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                    help="run only these parts (the others are read from --cache): several processes can share a cache")
     args = ap.parse_args()
     steps = 40 if args.quick else args.steps
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -66,9 +69,11 @@ def main() -> None:
     workloads: dict[int, Any] = {}
     t_start = time.perf_counter()
 
+    part = {"now": PARTS[0]}
+
     def go(label: str, seed: int, kind: str, lr: float, **kw: Any) -> dict[str, Any] | None:
         key = f"{label}|{seed}|{lr:.6e}"
-        if key not in cache and not args.report_only:
+        if key not in cache and not args.report_only and part["now"] in args.parts:
             if seed not in workloads:
                 workloads[seed] = build(wcfg, seed=seed)
             r = run_system(workloads[seed], kind=kind, max_lr=lr, steps=steps, seed=seed, **kw)
@@ -89,6 +94,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
 
     def sweep(sync: str) -> bool:
+        part["now"] = sync
         points = _sweep(go, sync, grid, seeds, extend=not args.quick)
         if points:
             sweeps[sync], best[sync] = points, min(points, key=lambda p: p["mean"])
@@ -113,11 +119,16 @@ def main() -> None:
     if sweep("noloco"):
         select_rows("noloco", "odd")
     if not args.quick and "diloco" in best:
+        part["now"] = "controller"
         for start, factor in STARTS:
             group(f"HDET controller, averaging, from {start}", "diloco", start, factor, "hdet",
                   hdet=controller_settings(steps, outer="none"))
-        for form in ("even", "odd, 2 rounds"):
-            select_rows("diloco", form)
+        part["now"] = "alternatives"
+        for start, factor in STARTS[::-1]:  # from the best lr first: what x1 on the grid is for
+            for form in ("even", "odd, 2 rounds"):
+                group(f"HDET over DiLoCo, select {form}, from {start}", "diloco", start, factor, "hdet",
+                      hdet=select_settings(steps, outer="diloco", **FORMS[form]))
+        part["now"] = "extras"
         for start, factor in STARTS[:2]:
             group(f"OneCycleLR+DiLoCo {start}", "diloco", start, factor, "onecycle", sync="diloco")
         for start, factor in STARTS:
@@ -127,6 +138,7 @@ def main() -> None:
             for form in ("even", "odd, 2 rounds"):
                 select_rows("noloco", form)
         if sweep("ddp"):
+            part["now"] = "ddp"
             for form in ("odd", "even"):
                 for start, factor in STARTS:
                     group(f"HDET grad sync, select {form}, from {start}", "ddp", start, factor, "hdet",

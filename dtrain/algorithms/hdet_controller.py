@@ -165,14 +165,14 @@ def resolve_select_steps(steps: int | None, *, mode: str, total: int, rounds: in
     if steps is None:
         steps = max(1, total // 10) if mode == "select" else 0
         if steps and align > 1:
-            steps = max(align, steps // align * align)
+            steps = max(align, steps // align * align) * rounds
     if not 0 <= steps < total:
         raise ValueError(f"algo.select_steps must be an integer in [0, total_steps={total}), got {steps}")
-    if steps and steps % align:
-        raise ValueError(f"algo.select_steps={steps} must be a multiple of algo.converge_every={align} with an outer "
-                         "algorithm (the selection ends on an outer-step boundary)")
     if steps and steps % rounds:
         raise ValueError(f"algo.select_steps={steps} must split into algo.select_rounds={rounds} rounds of whole steps")
+    if steps and steps // rounds % align:
+        raise ValueError(f"algo.select_steps={steps} must be a multiple of algo.converge_every={align} per round with an "
+                         "outer algorithm (each selection round ends on an outer-step boundary)")
     return int(steps)
 
 

@@ -12,6 +12,12 @@ does) on the same optimizer, with ``sync_every = converge_every`` and ``broadcas
 broadcasts the start itself). It is built when the replicas start training together: at step 0, or,
 with a selection start, at its end, from the winner's weights (so its first outer step comes T steps
 after the selection, and NoLoCo counts its rounds and run length from there).
+
+During a selection start each replica runs the same outer algorithm over a group of one (`Solo`):
+every T steps the outer step on its own pseudo-gradient (DiLoCo's Nesterov, NoLoCo's momentum step),
+nothing sent. Why: the outer step changes which inner lr is best (outer momentum amplifies what the
+inner steps did, so a max_lr a replica tolerates alone can be far too high under DiLoCo); scored
+without it, the selection measured the best lr for training alone, not for the outer algorithm.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import AttachContext, make_config
-from dtrain.comm.base import Comm
+from dtrain.comm.base import Comm, CommError
 
 OUTER = {"diloco": "dtrain.algorithms.diloco", "noloco": "dtrain.algorithms.noloco"}
 # Keys of the outer algorithm that HDET sets itself: the period is HDET's converge_every, the start its own.
@@ -58,6 +64,27 @@ def check_outer(cfg: Any) -> None:
         raise ValueError(str(e).replace("algo.", "algo.outer_options.")) from None
 
 
+class Solo(Comm):
+    """A group of one: the outer algorithm's own step on this replica's pseudo-gradient, nothing sent."""
+
+    rank, world_size = 0, 1
+
+    def _all_reduce(self, flat: torch.Tensor, op: str) -> Any:
+        return lambda _timeout: None
+
+    def _broadcast(self, flat: torch.Tensor, src: int) -> Any:
+        return lambda _timeout: None
+
+    def _barrier(self) -> None:
+        pass
+
+    def _all_gather_bytes(self, payload: bytes) -> list[bytes]:
+        return [bytes(payload)]
+
+    def _exchange(self, flat: torch.Tensor, peer: int, tag: int) -> Any:
+        raise CommError(f"a group of one has no peer {peer}")
+
+
 class OuterStep:
     """The outer algorithm HDET rides on, built once the replicas train together (see the module)."""
 
@@ -70,21 +97,44 @@ class OuterStep:
         self.optimizer, self.comm, self.seed, self.lr = optimizer, comm, int(seed), float(lr)
         self.algorithm: Any = None
         self.start = 0
+        self.solo: Any = None  # during a selection start: the outer algorithm over this replica alone
+
+    def _attach(self, comm: Comm, start: int) -> Any:
+        ctx = AttachContext(model=None, optimizer=self.optimizer, comm=comm, seed=self.seed,  # type: ignore[arg-type]
+                            total_steps=self.total_steps - start, lr=self.lr)
+        return self.module.attach(self.cfg, ctx).algorithm
+
+    def solo_round(self, start: int) -> None:
+        """A selection round starts after ``start`` steps: the outer step over this replica alone, from its
+        current weights (a fresh one each round: the weights may have just been replaced by the winner's)."""
+        self.end_solo()
+        self.solo = self._attach(Solo(), start)
+
+    def end_solo(self) -> None:
+        if self.solo is not None:
+            self.solo.remove()
+            self.solo = None
 
     def build(self, start: int) -> Any:
         """Hook the outer algorithm on the optimizer now (after ``start`` steps); a no-op once built."""
         if self.algorithm is None:
+            self.end_solo()
             self.start = int(start)
-            ctx = AttachContext(model=None, optimizer=self.optimizer, comm=self.comm, seed=self.seed,  # type: ignore[arg-type]
-                                total_steps=self.total_steps - self.start, lr=self.lr)
-            self.algorithm = self.module.attach(self.cfg, ctx).algorithm
+            self.algorithm = self._attach(self.comm, self.start)
         return self.algorithm
 
     def state_dict(self) -> dict[str, Any] | None:
-        return None if self.algorithm is None else {"start": self.start, "state": self.algorithm.state_dict()}
+        if self.algorithm is None:
+            return None if self.solo is None else {"solo": self.solo.state_dict()}
+        return {"start": self.start, "state": self.algorithm.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if state is not None:
+    def load_state_dict(self, state: dict[str, Any] | None, *, round_start: int = 0) -> None:
+        if state is None:
+            return
+        if "solo" in state:
+            self.solo_round(round_start)
+            self.solo.load_state_dict(state["solo"])
+        else:
             self.build(int(state["start"]))
             self.algorithm.load_state_dict(state["state"])
 
@@ -96,5 +146,6 @@ class OuterStep:
         return 0 if self.algorithm is None else int(self.algorithm.skipped_steps)
 
     def remove(self) -> None:
+        self.end_solo()
         if self.algorithm is not None:
             self.algorithm.remove()

@@ -82,7 +82,9 @@ class HDET(Selection, Readout, LRScheduler):
         # With one replica there is nothing to compare (nor with no spread, outside a selection start):
         # the controller stays off and the curve is exactly OneCycle's.
         self.auto_lr = c.auto_lr and self.replicas > 1 and (self.spread > 0 or self.mode == "select" or bool(c.select_steps))
-        composed = c.outer != "none" and self.replicas > 1
+        composed = c.outer != "none"
+        if composed and comm is None:
+            raise ValueError(f"algo.outer={c.outer} runs over a comm: pass comm= (or outer='none')")
         self.select_steps = resolve_select_steps(c.select_steps, mode=self.mode, total=self.total_steps,
                                                  rounds=int(c.select_rounds), align=self.converge_every if composed else 1)
         if self.select_steps and not self.auto_lr:
@@ -150,6 +152,8 @@ class HDET(Selection, Readout, LRScheduler):
             self._own_hooks.append(optimizer.register_step_post_hook(lambda *_: self._before_outer()))
             if not self.select_steps:
                 self._outer.build(0)
+            elif last_epoch == -1:
+                self._outer.solo_round(0)
         self._ready = False  # LRScheduler's own first step (and a resumed last_epoch) must not converge
         super().__init__(optimizer, last_epoch)
         self._ready = True
@@ -372,7 +376,7 @@ class HDET(Selection, Readout, LRScheduler):
             if state_dict.get("outer") is None and not self.selecting:
                 raise ValueError("HDET checkpoint has no outer algorithm state, this run has algo.outer="
                                  f"{self._outer.name}; resume with the config that wrote it")
-            self._outer.load_state_dict(state_dict.get("outer"))
+            self._outer.load_state_dict(state_dict.get("outer"), round_start=self._round_start())
 
     def remove(self) -> None:
         """Detach from the optimizer: the per-step gradient sync or the outer algorithm (if any), and our hook."""

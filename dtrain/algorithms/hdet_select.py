@@ -11,7 +11,8 @@ unless another factor beats it on the probe.
 
 What the winner hands over: without an outer algorithm, its parameters and whole optimizer state
 (read through ``state_dict``, so numbers kept outside the state tensors travel too: Prodigy's d,
-Mechanic's tuner). Over an outer algorithm, its parameters only, so the run's bytes stay those of the
+Mechanic's tuner). Over an outer algorithm (whose step each replica runs over a group of one while
+apart, see `dtrain.algorithms.hdet_outer`), its parameters only, so the run's bytes stay those of the
 outer algorithm (the winner's one broadcast takes the place of the outer steps the start skips); each
 replica keeps its own optimizer state, unless some replica's state is not finite, in which case (known
 to all from one more small all-reduce) the winner's whole state is taken as above.
@@ -98,6 +99,12 @@ class Selection:
         self._perms = self._draw_permutations(self.converges)  # type: ignore[attr-defined]
         if done == self.select_steps:
             self._train_together(done)
+        elif self._outer is not None:
+            self._outer.solo_round(done)  # the next round's outer step over this replica alone, from the winner
+
+    def _round_start(self) -> int:
+        """The step the current selection round started at."""
+        return self._select_round(max(self.last_epoch, 0)) * self._round_len
 
     def _train_together(self, done: int) -> None:
         """The selection is over: grad sync or the outer algorithm (if asked for) starts here."""
