@@ -33,7 +33,7 @@ from typing import Any
 
 from common import table, write_outputs
 from frontier_plot import plot_curves, plot_frontier
-from frontier_runs import DEFAULT_HP, Method, Run, Runner, seed_stats
+from frontier_runs import DEFAULT_HP, Method, Run, Runner, at_step, seed_stats
 
 QUICK_MODEL = ("workload.n_layer=1", "workload.d_model=32", "workload.n_head=2", "workload.seq_len=32",
                "workload.eval_batches=2", "workload.eval_batch_size=8", "optim.warmup_steps=4")
@@ -144,6 +144,8 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=4, help="runs at a time in each regime")
     p.add_argument("--check-torchrun", default=None, help="method:H of the main regime to rerun under torchrun")
     p.add_argument("--from-cache", action="store_true", help="tabulate the finished runs only; start none")
+    p.add_argument("--partial", action="store_true", help="with --from-cache: unfinished runs too, every run cut to the "
+                   "last evaluation step all of them reached (rank 0's loss and bytes at that step)")
     p.add_argument("--cache", type=Path, default=Path("runs/frontier_cache"))
     p.add_argument("--out", default=None, help="JSON; the table (.txt) and figures (.png) go beside it")
     args = p.parse_args()
@@ -155,7 +157,8 @@ def main() -> int:
         args.small_points = ["ddp:-:0", "diloco:10:0", "noloco:10:0"]
     # The machine is shared: runs go several at a time at nice 10 (they take what others leave idle).
     runner = Runner(cache=args.cache / ("quick" if args.quick else "full"), nice=0 if args.quick else 10,
-                    parallel=args.parallel, only_cached=args.from_cache)
+                    parallel=args.parallel, only_cached=args.from_cache,
+                    partial=args.partial)
     table_ = runner.table
     labels = {m: table_[m].label for m in table_}
     main_common = {"workers": args.workers, "steps": args.steps, "extra": extra, "batch": args.main_batch}
@@ -192,10 +195,15 @@ def main() -> int:
                            ("outer_momentum", "outer mom."), ("val_loss", "val loss")])
     text += "\nchosen: " + "; ".join(f"{m} {hp}" for m, hp in hps.items())
     text += "\nmain regime hyperparameters (not swept): " + "; ".join(f"{m} {hp}" for m, hp in DEFAULT_HP.items())
+    cut = None
+    if args.partial and results:
+        cut = min(max(p["step"] for p in res["curve"]) for _, _, res in results)
+        results = [(regime, run, at_step(res, cut)) for regime, run, res in results]
+        text += f"\n\nPARTIAL: runs cut at step {cut} of {args.steps} (the last evaluation every run reached); rank 0's loss"
     rows = rows_of(results, labels)
     text += "\n\nFrontier (final val loss = mean over workers; mean ± std over seeds; bytes sent per worker):\n"
     text += table(rows, COLUMNS) + "\n\n" + _verdicts(rows)
-    payload = {"quick": args.quick, "steps": args.steps, "workers": args.workers, "main_batch": args.main_batch,
+    payload = {"quick": args.quick, "partial_step": cut, "steps": args.steps, "workers": args.workers, "main_batch": args.main_batch,
                "small_batch": args.small_batch, "main_hp": DEFAULT_HP,
                "sweep": {"steps": args.sweep_steps, "h": args.sweep_h, "trials": trials, "chosen": hps}, "rows": rows}
     if args.out:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 COLORS = {"diloco": "tab:blue", "noloco": "tab:orange", "diloco_int8": "tab:cyan", "noloco_int8": "tab:red",
-          "streaming": "tab:green", "torchft_diloco": "tab:purple"}
+          "streaming": "tab:green", "streaming_int4": "tab:olive", "torchft_diloco": "tab:purple"}
 
 
 def _plt():

@@ -63,8 +63,13 @@ def methods() -> dict[str, Method]:
            Method("noloco_int8", "NoLoCo int8", "noloco", ("algo.compression=int8",), base="noloco")]
     if _has_key("diloco", "compression"):
         out.append(Method("diloco_int8", "DiLoCo int8", "diloco", ("algo.compression=int8",), base="diloco"))
-    if _has_key("diloco", "fragments"):
-        out.append(Method("streaming", "Streaming DiLoCo", "diloco", ("algo.fragments=4",), base="diloco"))
+    from dtrain.config import ALGORITHMS
+
+    if "streaming_diloco" in ALGORITHMS:  # its defaults: 4 fragments, overlap 1 step, mixing 0.5
+        out.append(Method("streaming", "Streaming DiLoCo", "streaming_diloco", base="diloco"))
+        if _has_key("streaming_diloco", "compression"):
+            out.append(Method("streaming_int4", "Streaming DiLoCo int4", "streaming_diloco", ("algo.compression=int4",),
+                              base="diloco"))
     return {m.name: m for m in out}
 
 
@@ -139,6 +144,7 @@ class Runner:
     nice: int = 10
     table: dict[str, Method] = field(default_factory=methods)
     only_cached: bool = False  # report what has finished; run nothing
+    partial: bool = False  # with only_cached: an unfinished run reports its curve so far (rank 0's log)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -150,6 +156,8 @@ class Runner:
 
     def one(self, run: Run) -> dict[str, Any] | None:
         got = self._cached(run)
+        if got is None and self.only_cached and self.partial and self.cache is not None:
+            return partial_result(self.cache / "runs" / run.key())
         if got is not None or self.only_cached:
             return got
         if self.cache is not None:  # the run's own files stay beside its cached result (curves of a killed run too)
@@ -177,3 +185,23 @@ class Runner:
 def seed_stats(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample std (None for one seed)."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def partial_result(out_dir: Path) -> dict[str, Any] | None:
+    """What an unfinished run's rank-0 log holds: its evaluations so far (``partial_step`` = the last)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    curve = [{"step": r["step"], "val_loss": r["eval"], "bytes_sent": r.get("bytes_sent")} for r in rows if r.get("eval") is not None]
+    if len(curve) < 2:
+        return None
+    return {"val_loss": curve[-1]["val_loss"], "bytes_sent_per_worker": curve[-1]["bytes_sent"], "partial_step": curve[-1]["step"],
+            "val_loss_spread": None, "wall_s": rows[-1]["wall_s"], "curve": curve, "algorithm": {}}
+
+
+def at_step(result: dict[str, Any], step: int) -> dict[str, Any]:
+    """``result`` cut to its evaluation at ``step`` (for comparing unfinished runs at equal steps)."""
+    point = next(p for p in result["curve"] if p["step"] == step)
+    return {**result, "val_loss": point["val_loss"], "bytes_sent_per_worker": point["bytes_sent"], "partial_step": step,
+            "curve": [p for p in result["curve"] if p["step"] <= step]}

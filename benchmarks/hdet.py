@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="print the table from --cache; rows with runs missing are left out")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                     help="run only these parts (the others are read from --cache): several processes can share a cache")
+    ap.add_argument("--reverse", action="store_true", help="run each group's starts in reverse order (a second process)")
     args = ap.parse_args()
     steps = 40 if args.quick else args.steps
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -73,6 +74,8 @@ def main() -> None:
 
     def go(label: str, seed: int, kind: str, lr: float, **kw: Any) -> dict[str, Any] | None:
         key = f"{label}|{seed}|{lr:.6e}"
+        if key not in cache:
+            cache.update(_load_cache(cache_path))  # another process sharing the cache may have run it
         if key not in cache and not args.report_only and part["now"] in args.parts:
             if seed not in workloads:
                 workloads[seed] = build(wcfg, seed=seed)
@@ -102,14 +105,14 @@ def main() -> None:
                          "max_lr": best[sync]["max_lr"], "runs": best[sync]["runs"]})
         return bool(points)
 
-    def group(label: str, sync: str, start: str, factor: float, kind: str, **kw: Any) -> None:
-        lr = best[sync]["max_lr"] * factor
-        runs = [go(label, s, kind, lr, **kw) for s in seeds]
-        if all(r is not None for r in runs):
-            rows.append({"label": label, "ref": sync, "start": start, "max_lr": lr, "runs": runs})
+    def group(label: str, ref: str, start: str, factor: float, kind: str, **kw: Any) -> None:
+        lr = best[ref]["max_lr"] * factor
+        runs = [r for r in (go(label, s, kind, lr, **kw) for s in seeds) if r is not None]
+        if runs:  # --report-only: a row with some seeds missing is shown with its seed count
+            rows.append({"label": label, "ref": ref, "start": start, "max_lr": lr, "runs": runs})
 
     def select_rows(sync: str, form: str) -> None:
-        for start, factor in STARTS:
+        for start, factor in STARTS[::-1] if args.reverse else STARTS:
             group(f"HDET over {_name(sync)}, select {form}, from {start}", sync, start, factor, "hdet",
                   hdet=select_settings(steps, outer=sync, **FORMS[form]))
 
@@ -185,8 +188,8 @@ def _sweep(go: Any, sync: str, grid: list[float], seeds: list[int], *, extend: b
 
 def _report(rows: list[dict[str, Any]], sweeps: dict[str, Any], best: dict[str, Any], seeds: list[int], steps: int,
             wcfg: Any, seconds: float) -> tuple[str, list[str]]:
-    head = (f"{'system':<50}{'max_lr':>9}{'val loss':>18}{'vs sweep best':>17}{'compute':>9}{'bytes vs ref':>14}"
-            f"{'MB/wkr':>9}")
+    head = (f"{'system':<50}{'max_lr':>9}{'seeds':>6}{'val loss':>18}{'vs sweep best':>17}{'compute':>9}"
+            f"{'bytes vs ref':>14}{'MB/wkr':>9}")
     lines = [head, "-" * len(head)]
     verdict = []
     for r in rows:
@@ -201,13 +204,13 @@ def _report(rows: list[dict[str, Any]], sweeps: dict[str, Any], best: dict[str, 
         compute = r["runs"][0]["worker_steps"] / sweep_compute
         byte_ratio = max(x["bytes_sent_per_worker"] for x in r["runs"]) / ref_bytes
         r.update(mean=mean, std=std, gap=gap, gap_std=gap_std, compute=compute, bytes_ratio=byte_ratio)
-        lines.append(f"{r['label']:<50}{r['max_lr']:>9.2e}{_pm(mean, std, 4):>18}{_pm(gap, gap_std, 2, '%'):>17}"
+        lines.append(f"{r['label']:<50}{r['max_lr']:>9.2e}{len(r['runs']):>6}{_pm(mean, std, 4):>18}{_pm(gap, gap_std, 2, '%'):>17}"
                      f"{compute:>9.3f}{byte_ratio:>14.3f}{r['runs'][0]['bytes_sent_per_worker'] / 1e6:>9.2f}")
         if r["label"].startswith("HDET over") or r["label"].startswith("HDET controller"):
             goal = 1.0 if r["start"] == "best lr" else 3.0
-            ok = gap <= goal and byte_ratio <= 1.05 and compute <= 0.2 + 0.01
+            ok = gap <= goal and byte_ratio <= 1.05 and compute <= 0.2 + 0.01 and len(r["runs"]) >= 3
             c = ", ".join(f"{x['scale']:.3g}" for x in r["runs"] if x.get("scale") is not None)
-            verdict.append(f"{r['label']}: {gap:+.2f} ± {gap_std:.2f}% (goal <= +{goal:.0f}%), bytes {byte_ratio:.3f}x one "
+            verdict.append(f"{r['label']} ({len(r['runs'])} seeds): {gap:+.2f} ± {gap_std:.2f}% (goal <= +{goal:.0f}%), bytes {byte_ratio:.3f}x one "
                            f"{_name(r['ref'])} run, compute {compute:.3f} of the sweep: {'MET' if ok else 'NOT met'}; "
                            f"final c (x max_lr) per seed: {c}")
     sweep_text = "\n".join(f"{_name(s)} sweep (max_lr: val loss mean ± std over {len(seeds)} seeds): "

@@ -74,6 +74,7 @@ def main() -> int:
     p.add_argument("--h", type=int, default=30)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--latency-only", action="store_true", help="the latency model alone (no training runs)")
     p.add_argument("--cache", type=Path, default=Path("runs/scaling_cache"))
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -87,7 +88,7 @@ def main() -> int:
     runs = [Run(m, args.h, tuple(sorted(DEFAULT_HP[m].items())), workers=n, steps=args.steps, batch=args.batch, extra=extra)
             for n in args.ns for m in ("diloco", "noloco")]
     rows = []
-    for run, res in zip(runs, runner.many(runs)):
+    for run, res in zip(runs, [] if args.latency_only else runner.many(runs)):
         rows.append({"method": run.method, "N": run.workers, "val_loss": res["val_loss"], "spread": res["val_loss_spread"],
                      "bytes_sent_per_worker": res["bytes_sent_per_worker"], "wall_s": res["wall_s"]})
     text = table(rows, [("method", "method"), ("N", "N"), ("val_loss", "val loss"), ("spread", "max-min over workers"),

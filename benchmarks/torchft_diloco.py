@@ -50,7 +50,10 @@ def replica(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     work, optim_cfg = _workload(args)
     model = work.build_model()
-    inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=optim_cfg.weight_decay, betas=(0.9, 0.95))
+    from dtrain.optim import param_groups
+
+    # dtrain's AdamW: betas (0.9, 0.95), no weight decay on biases and norms
+    inner = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     warm, floor = optim_cfg.warmup_steps if not args.quick else 4, optim_cfg.min_lr_ratio
 
     def factor(step: int) -> float:  # dtrain's cosine schedule (dtrain.optim)
@@ -99,6 +102,7 @@ def main() -> int:
     p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nice", type=int, default=10)
+    p.add_argument("--with-dtrain", action="store_true", help="also run dtrain's DiLoCo at the same point under torchrun")
     p.add_argument("--out", default=None)
     p.add_argument("--replica", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -122,7 +126,7 @@ def main() -> int:
         for rank in range(args.workers):
             cmd = [*(["nice", "-n", str(args.nice)] if args.nice else []), sys.executable, str(Path(__file__).resolve()),
                    "--replica", "--rank", str(rank), "--lighthouse", lighthouse.address(), "--worker-out", f"{tmp}/{rank}.json",
-                   *[a for a in sys.argv[1:] if a not in ("--replica",)]]
+                   *[a for a in sys.argv[1:] if a not in ("--replica", "--with-dtrain")]]
             if args.quick:
                 cmd += ["--workers", "2", "--steps", "20", "--h", "5", "--batch", "4"]
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -136,12 +140,28 @@ def main() -> int:
     sent = outer_steps * math.ceil(2 * (args.workers - 1) * params * 4 / args.workers)
     row = {"method": "torchft DiLoCo", "H": args.h, "workers": args.workers, "steps": args.steps, "batch": args.batch,
            "val_loss": statistics.mean(r["val_loss"] for r in reps), "outer_steps": outer_steps,
-           "bytes_sent_per_worker": sent, "step_s": statistics.median(r["step_s"] for r in reps),
+           "bytes_sent_per_worker": sent, "step_s": statistics.mean(r["train_s"] for r in reps) / args.steps,
            "wall_s": time.perf_counter() - t0}
-    text = table([row], [("method", "method"), ("H", "H"), ("workers", "N"), ("steps", "steps"), ("val_loss", "val loss"),
+    rows = [row]
+    if args.with_dtrain:  # dtrain's DiLoCo at the same point, as processes under torchrun too
+        from frontier_runs import Run, Runner
+
+        extra = tuple(f"workload.{k}={v}" for k, v in QUICK.items()) + ("optim.warmup_steps=4",) if args.quick else ()
+        hp = {"lr": args.lr, "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+        run = Run("diloco", args.h, tuple(sorted(hp.items())), workers=args.workers, seed=args.seed, steps=args.steps,
+                  batch=args.batch, extra=extra, launcher="torchrun")
+        t1 = time.perf_counter()
+        res = Runner(cache=None, nice=args.nice).one(run)
+        rows.append({"method": "dtrain DiLoCo", "H": args.h, "workers": args.workers, "steps": args.steps, "batch": args.batch,
+                     "val_loss": res["val_loss"], "outer_steps": res["algorithm"].get("outer_syncs"),
+                     "bytes_sent_per_worker": res["bytes_sent_per_worker"], "step_s": res["train_time_s"] / args.steps,
+                     "wall_s": time.perf_counter() - t1})
+    text = table(rows, [("method", "method"), ("H", "H"), ("workers", "N"), ("steps", "steps"), ("val_loss", "val loss"),
                          ("outer_steps", "outer steps"), ("bytes_sent_per_worker", "bytes/worker (schedule)"),
-                         ("step_s", "median s/step"), ("wall_s", "wall s")])
-    write_outputs(args.out, {"quick": args.quick, "row": row, "replicas": reps}, text)
+                         ("step_s", "train s/step"), ("wall_s", "wall s")])
+    text += ("\n\ntorchft counts no bytes: its row is its schedule under dtrain's cost model (one fp32 ring all-reduce of "
+             "the model per outer step); dtrain's row is its comm's counter. Same model, data, inner step, schedule and H.")
+    write_outputs(args.out, {"quick": args.quick, "row": row, "rows": rows, "replicas": reps}, text)
     return 0
 
 

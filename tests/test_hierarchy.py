@@ -37,6 +37,7 @@ def test_sharded_and_replicated_workers_match_unsharded_references(tmp_path):
         assert r["resume_bitwise"]
         # DDP inside + NoLoCo across, and Prodigy with d reduced over the shards
         assert r["noloco_diff"] < 1e-12 and r["noloco_fsdp_diff"] < 1e-12 and r["noloco_state_roundtrip"]
+        assert r["noloco_bad_shard_failures"] == (1 if r["worker"] == 0 else 0) and r["noloco_bad_shard_finite"]
         assert r["ddp_over_fsdp_diff"] < 1e-12 and r["ddp_over_ddp_diff"] < 1e-12
         assert r["streaming_diff"] < 1e-12 and r["streaming_syncs_fsdp"] == r["streaming_syncs_ref"] == 3
         assert r["hdet_diff"] < 1e-12 and r["hdet_lr_fsdp"] == pytest.approx(r["hdet_lr_ref"], rel=1e-12)

@@ -276,9 +276,10 @@ class NoLoCo(HeldLayout, Algorithm):
                     self.delta_wait_s += time.perf_counter() - t0
                 received[j] = (got[0], phi_j if separate_phi else got[1])
             except (PeerTimeout, BadPeerData, DecodeError, CommError) as e:
-                self.member_failures += 1
                 log.warning("noloco outer step %d: rank %d left out of rank %d's means: %s", round_, j, self.comm.rank, e)
         self._phi_handles = {}
+        received = self._agreed(others, received)
+        self.member_failures += len(others) - len(received)
         if self.robust.active:
             self._robust_update(delta, received, round_)
         else:
@@ -294,6 +295,16 @@ class NoLoCo(HeldLayout, Algorithm):
         self._settled = True
         if self._changes:  # a round boundary: the next round's φ is not sent yet
             self._apply_changes()
+
+    def _agreed(self, others: list[int], received: dict[int, tuple[Flats, Flats]]) -> dict[int, tuple[Flats, Flats]]:
+        """The members every process of a sharded worker heard from (one tiny inner reduction), so all
+        its shards mix the same members this round; a worker of one process keeps what it received."""
+        inner = self.comm.inner_comm
+        if inner is None or inner.world_size == 1 or not others:
+            return received
+        heard = torch.tensor([1.0 if j in received else 0.0 for j in others])
+        inner.all_reduce([heard], op="min")
+        return {j: received[j] for j, h in zip(others, heard.tolist()) if h > 0}
 
     def _own(self, wires: list[torch.Tensor], delta: Flats) -> Flats:
         """Our decoded Δ wire (error feedback: the mean must hold what the members receive from us)."""

@@ -22,6 +22,7 @@ from dtrain.algorithms import DDP, DiLoCo, NoLoCo
 from dtrain.algorithms.hdet import HDET
 from dtrain.algorithms.streaming import StreamingDiLoCo
 from dtrain.comm.torch_backend import TorchComm
+from dtrain.testing.faults import FaultyComm
 from dtrain.hierarchy import OuterComm, full_state, local_batch, wrap
 from optimizers import LDoG, DAdaptAdam, DAdaptSGD, DoG, Prodigy
 
@@ -173,6 +174,20 @@ def main() -> None:
     algo2.load_state_dict(checkpoint_dcp.load_state(out / f"noloco{lay.worker}", comm)["algorithm"])
     result["noloco_state_roundtrip"] = all(torch.equal(a, b) for a, b in zip(algo.phi + algo.momentum,
                                                                                algo2.phi + algo2.momentum))
+
+    # 3d. NoLoCo on shards when one shard arrives bad: process 1 of worker 1 sends NaN in round 1, so
+    # process 1 of worker 0 leaves worker 1 out; process 0 of worker 0 heard it fine, yet leaves it out
+    # too (the worker's processes agree which members count), and no NaN reaches any weight.
+    model = wrap(make_model(), comm, "fsdp")
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    outer = comm
+    if dist.get_rank() == 3:
+        outer = FaultyComm(comm, corrupt="nan", corrupt_from=2, corrupt_until=3)  # call 1: the initial broadcast
+        outer.inner_comm = comm.inner_comm
+    algo = NoLoCo(opt, outer, sync_every=H, seed=3)
+    train(model, opt, H, lay.worker, split)
+    result["noloco_bad_shard_failures"] = algo.member_failures
+    result["noloco_bad_shard_finite"] = all(bool(torch.isfinite(t).all()) for t in full_state(model).values())
 
     # 3b'. DDP across workers (gradient mean every step) over FSDP2 and over torch DDP inside a worker.
     for inner in ("fsdp", "ddp"):
