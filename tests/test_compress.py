@@ -142,3 +142,22 @@ def test_malformed_payloads_are_refused(name, kw, corrupt, why):
     codec.decode(codec.encode(x), 24)  # the real payload decodes
     with pytest.raises(DecodeError, match=why):
         codec.decode(corrupt(codec.encode(x)), 24)
+
+
+@pytest.mark.parametrize("name", ["none", "bf16", "int4"])
+def test_a_reduction_in_flight_saves_what_this_worker_sent(name):
+    """A checkpoint taken mid-overlap holds our own payload, never a partly or fully reduced one."""
+    from dtrain.algorithms.outer_reduce import resume_mean, start_mean
+
+    def work(comm):
+        mine = [torch.full((70,), float(comm.rank + 1))]
+        pending = start_mean(comm, Compressor(Codec(name)), [t.clone() for t in mine], "k")
+        saved = pending.state_dict()
+        pending.wait_into()
+        again = resume_mean(comm, Codec(name), saved, [torch.zeros(70)])
+        again.wait_into()
+        return saved["wires"][0], pending.targets[0], again.targets[0]
+
+    for rank, (sent, mean, resumed) in enumerate(run_local(2, work)):
+        torch.testing.assert_close(Codec(name).decode(sent, 70).float(), torch.full((70,), float(rank + 1)))
+        assert torch.equal(mean, torch.full((70,), 1.5)) and torch.equal(resumed, mean)

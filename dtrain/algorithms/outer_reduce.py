@@ -82,9 +82,10 @@ class PendingMean:
         self.groups = group_by_dtype(targets)
         self.numels = [sum(targets[i].numel() for i in idx) for idx in self.groups]
         self.world_size = comm.world_size
-        # Until the wait, ``wires`` are what this worker sent (an all-reduce works on its own copy and
-        # writes back only when waited on): `state_dict` saves them, so a resume re-issues the reduction.
+        # What this worker sent, kept apart from ``wires`` (an all-reduce may work on them in place while in
+        # flight): `state_dict` saves it, so a resume re-issues the same reduction.
         self.wires = wires
+        self.sent = [w.clone() for w in wires] if codec.summable else wires
         if codec.summable:
             self.handle = comm.all_reduce(wires, op="mean", async_op=True)
         elif comm.world_size == 1:
@@ -93,7 +94,7 @@ class PendingMean:
             self.handle = comm.all_gather(wires, finite=False, skip_bad=True, async_op=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"wires": [w.clone() for w in self.wires], "keys": list(self.keys)}
+        return {"wires": [w.clone() for w in self.sent], "keys": list(self.keys)}
 
     def wait_into(self) -> None:
         got = self.handle.wait() if self.handle is not None else None
