@@ -162,6 +162,12 @@ KEY_CASES = [
     ("ddp", "algo.robust_trim=0.4", ["algo.robust=trimmed_mean"], 5, None),
     ("ddp", "algo.robust_norm_bound=1.0", [], 3, None),
     ("ddp", "algo.bucket_mb=0.00001", [], 3, None),  # ~10-byte buckets: more all-reduces per step
+    ("ddp", "algo.compression=int8", [], 3, None),
+    ("ddp", "algo.error_feedback=true", ["algo.compression=int4"], 3, None),
+    ("ddp", "algo.block_size=4", ["algo.compression=int4"], 3, None),
+    ("ddp", "algo.topk_density=0.5", ["algo.compression=topk"], 3, None),
+    ("ddp", "algo.topk_chunk=8", ["algo.compression=topk"], 3, None),
+    ("ddp", "algo.topk_value_bits=4", ["algo.compression=topk", "algo.topk_density=0.5"], 3, None),
     ("diloco", "algo.sync_every=4", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.outer_lr=0.4", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.outer_momentum=0.5", ["algo.sync_every=3"], 3, None),
@@ -247,6 +253,7 @@ def test_a_non_default_value_changes_the_run(name, item, base, workers, slow):
     ("diloco", ["algo.topk_density=0.1", "algo.compression=int4"], "algo.topk_density"),  # only topk keeps a fraction
     ("streaming_diloco", ["algo.error_feedback=true"], "algo.error_feedback"),  # nothing is lost uncompressed
     ("diloco", ["algo.compression=int8", "algo.robust=median"], "algo.compression"),  # robust gathers full Δs
+    ("ddp", ["algo.compression=int8", "algo.robust=median"], "algo.compression"),
     ("noloco", ["algo.robust=median"], "algo.robust"),  # a median of a pair is its mean
 ])
 def test_a_key_that_would_be_ignored_is_refused(name, overrides, key):

@@ -161,3 +161,45 @@ def test_a_reduction_in_flight_saves_what_this_worker_sent(name):
     for rank, (sent, mean, resumed) in enumerate(run_local(2, work)):
         torch.testing.assert_close(Codec(name).decode(sent, 70).float(), torch.full((70,), float(rank + 1)))
         assert torch.equal(mean, torch.full((70,), 1.5)) and torch.equal(resumed, mean)
+
+
+def _ddp_run(comm, shape, dtype, codec, *, steps=2, nan_at=None):
+    from dtrain.algorithms.ddp import DDP
+
+    param = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype))
+    target = torch.randn(shape, generator=torch.Generator().manual_seed(1 + comm.rank)).to(dtype)
+    opt = torch.optim.SGD([param], lr=0.1)
+    algo = DDP(opt, comm, broadcast_init=False, **codec)
+    before = []
+    for step in range(steps):
+        ((param - target) ** 2).sum().backward()
+        if nan_at == (step, comm.rank):
+            param.grad.view(-1)[0] = float("nan")
+        before.append(param.detach().clone())
+        opt.step()
+        opt.zero_grad()
+    return comm.stats.bytes_sent, param.detach().clone(), algo, before
+
+
+@pytest.mark.parametrize("codec", [CODECS[1], CODECS[4]], ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_ddp_compressed_gradient_bytes_and_identical_replicas(codec):
+    """DDP's compressed gradient: the wire bytes per step are the codec's payload formula, for any rank and
+    bf16, and every worker applies the same mean (replicas stay bit-identical)."""
+    for shape, dtype in SHAPES:
+        got = run_local(N, lambda c: _ddp_run(c, shape, dtype, codec))
+        numel = math.prod(shape)
+        for sent, param, algo, _ in got:
+            assert sent == 2 * _expected_round_bytes(codec, numel, torch.empty(0, dtype=dtype).element_size()), (shape, dtype)
+            assert param.dtype == dtype and algo.skipped_steps == 0
+        assert all(torch.equal(got[0][1], p) for _, p, _, _ in got)
+
+
+def test_ddp_compressed_nan_from_one_worker_is_skipped_by_all_and_error_feedback_keeps_its_signal():
+    codec = {"compression": "topk", "topk_density": 0.1, "topk_chunk": 16, "error_feedback": True}
+    got = run_local(N, lambda c: _ddp_run(c, (5, 13), torch.float32, codec, steps=3, nan_at=(1, 2)))
+    for _, param, algo, before in got:
+        assert algo.skipped_steps == 1 and bool(torch.isfinite(param).all())
+        assert algo.compressor.resets == 0 and all(bool(torch.isfinite(e).all()) for e in algo.compressor.residuals.values())
+    assert all(torch.equal(got[0][1], p) for _, p, _, _ in got)
+    for *_, before in got:  # the skipped step (1) left the weights as they were; the others moved them
+        assert torch.equal(before[1], before[2]) and not torch.equal(before[0], before[1])

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import Algorithm
-from dtrain.algorithms.ddp_buckets import FIRST_BUCKET_BYTES, FLAGGED, OK, PEER_NONFINITE, GradBuckets, finite
+from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
+from dtrain.algorithms.ddp_buckets import FIRST_BUCKET_BYTES, FLAGGED, OK, PEER_NONFINITE, GradBuckets, agreed_verdict, finite
+from dtrain.algorithms.outer_reduce import Compressor, start_mean
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
 from dtrain.comm.base import Comm
 
@@ -23,11 +25,21 @@ class Config:
     robust_trim: float = DEFAULT_TRIM  # trimmed_mean: fraction dropped at each end
     robust_norm_bound: float = 0.0  # 0 = off; else clip a gradient to this multiple of the median gradient norm
     bucket_mb: float = 25.0  # gradient bucket size (torch DDP's bucket_cap_mb); the first bucket is at most 1 MiB
+    compression: str = "none"  # none | bf16 | int8 | int4 | topk: the gradient's wire format (reduced at the step)
+    error_feedback: bool = False  # carry what compression dropped into the next step's gradient
+    block_size: int = DEFAULT_BLOCK  # int8/int4: elements per fp32 scale
+    topk_density: float = TOPK_DEFAULTS["topk_density"]  # topk: fraction of each chunk sent
+    topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]  # topk: elements per chunk
+    topk_value_bits: int = TOPK_DEFAULTS["topk_value_bits"]  # topk: 2 or 4 bits per kept value
 
     def validate(self) -> None:
         check_options(self.robust, self.robust_trim, self.robust_norm_bound)
         if not self.bucket_mb > 0:
             raise ValueError(f"algo.bucket_mb must be > 0, got {self.bucket_mb}")
+        check_compression(self)
+        if self.compression != "none" and (self.robust != "none" or self.robust_norm_bound > 0):
+            raise ValueError(f"algo.compression={self.compression} cannot be combined with robust aggregation, which "
+                             "gathers every worker's full gradient; drop one of them")
 
 
 validate = Config.validate  # dtrain.config calls it on the algo section
@@ -56,6 +68,13 @@ class DDP(Algorithm):
     (the norm bound's reference is the median gradient norm, which they share).
     A worker that raised its flag is left out of that step's aggregate; a peer whose data is
     malformed or non-finite is dropped and named in ``report()["robust"]``.
+
+    With ``compression`` set, the gradient goes through the codec of `dtrain.algorithms.compress`
+    (optionally with error feedback) at the step instead of in buckets during backward (a compressed
+    payload is encoded whole; codecs that cannot be summed are all-gathered and decoded in fp32, see
+    the cost model in `dtrain.comm.base`). A worker that skipped its backward or holds a non-finite
+    gradient sends NaN, so every worker's mean is non-finite and all skip together; such a step gives
+    its error-feedback input back (`Compressor.rollback`).
     """
 
     Config = Config
@@ -69,9 +88,11 @@ class DDP(Algorithm):
         if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(self.params, src=0)
-        # robust aggregation needs every worker's whole gradient at once: it gathers at the step
+        self.compressor = (Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
+                           if self.cfg.compression != "none" else None)
+        # robust aggregation and compression need every worker's whole gradient at once: both act at the step
         cap = max(1, int(self.cfg.bucket_mb * 2**20))
-        self.buckets = (None if self.robust.active else
+        self.buckets = (None if self.robust.active or self.compressor is not None else
                         GradBuckets(comm, lambda: self.params, bucket_bytes=cap, first_bucket_bytes=min(cap, FIRST_BUCKET_BYTES)))
         if self.buckets is not None:
             self.buckets.sync_layout()
@@ -82,6 +103,9 @@ class DDP(Algorithm):
             return
         if self.buckets is not None:
             self._settle(params)
+            return
+        if self.compressor is not None:
+            self._compressed_mean(params)
             return
         grads = [p.grad for p in params]
         # All grads None: this worker skipped its backward (NaN loss). Some None: unused params.
@@ -140,6 +164,26 @@ class DDP(Algorithm):
             self.peer_nonfinite_steps += 1
         self.skip_update()
 
+    def _compressed_mean(self, params: list[torch.Tensor]) -> None:
+        """The mean gradient through the codec into ``p.grad``, or a skip on every worker alike."""
+        grads = [p.grad for p in params]
+        flagged = all(g is None for g in grads)
+        parts = [torch.zeros_like(p) if g is None else g.detach().clone() for p, g in zip(params, grads)]
+        if flagged or not _finite(parts):
+            flagged = True
+            for t in parts:
+                t.fill_(float("nan"))  # every worker's mean turns non-finite: all skip this step
+        pending = start_mean(self.comm, self.compressor, parts, "grad")
+        pending.wait_into()
+        verdict = agreed_verdict(self.comm, FLAGGED if flagged else OK if _finite(parts) else PEER_NONFINITE)
+        for key in pending.keys:
+            (self.compressor.settle if verdict == OK else self.compressor.rollback)(key)
+        if verdict != OK:
+            self._skip(verdict)
+            return
+        for p, g in zip(params, parts):
+            p.grad = g
+
     def _robust_mean(self, parts: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The robust aggregate of the gradients (``parts`` without the trailing flag) of the
         workers that did not flag, one tensor per gradient (None: skip)."""
@@ -173,13 +217,16 @@ class DDP(Algorithm):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "flagged_steps": self.flagged_steps,
-                "peer_nonfinite_steps": self.peer_nonfinite_steps, "robust": self.tracker.state_dict()}
+                "peer_nonfinite_steps": self.peer_nonfinite_steps, "robust": self.tracker.state_dict(),
+                "compressor": self.compressor.state_dict() if self.compressor is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.flagged_steps = int(state.get("flagged_steps", 0))
         self.peer_nonfinite_steps = int(state.get("peer_nonfinite_steps", 0))
         self.tracker.load_state_dict(state.get("robust"))
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state.get("compressor"))
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {**super().report(), "flagged_steps": self.flagged_steps,

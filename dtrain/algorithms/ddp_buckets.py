@@ -180,7 +180,7 @@ class GradBuckets:
             self.verdict = self.verdict or OK
             return
         flagged = bool(self.buckets[-1].flat[-1] > 0)
-        verdict = _agreed(self.comm, PEER_NONFINITE if not finite(*flats) else FLAGGED if flagged else OK)
+        verdict = agreed_verdict(self.comm, PEER_NONFINITE if not finite(*flats) else FLAGGED if flagged else OK)
         if self.verdict not in (None, OK):  # a second backward before the step keeps the first skip
             verdict = self.verdict
         self.verdict = verdict
@@ -206,7 +206,7 @@ class GradBuckets:
         self._hooks = {}
 
 
-def _agreed(comm: Comm, verdict: str) -> str:
+def agreed_verdict(comm: Comm, verdict: str) -> str:
     """The worst verdict over a sharded worker's processes (each judged its own shard), so they step
     or skip together; as is for a worker of one process."""
     inner = comm.inner_comm
