@@ -132,8 +132,16 @@ DEFAULTS = {"workload": "char_lm", "algo": "diloco", "comm": "torch"}
 
 def section_module(section: str, name: str) -> ModuleType:
     registry = SECTIONS[section]
+    if section == "workload" and name not in registry and ":" in name:  # the user's own model (module:factory)
+        from dtrain.workloads.factory import FactoryError, factory_module
+
+        try:
+            return factory_module(name)
+        except FactoryError as e:
+            raise ConfigError(str(e)) from None
     if name not in registry:
-        raise ConfigError(f"{section}.name={name!r} is not known; choose one of {sorted(registry)}")
+        hint = " or module.path:factory for your own model" if section == "workload" else ""
+        raise ConfigError(f"{section}.name={name!r} is not known; choose one of {sorted(registry)}{hint}")
     return importlib.import_module(registry[name])
 
 
