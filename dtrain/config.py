@@ -125,6 +125,9 @@ class RunConfig:
     plot: bool = True
     stop_at_target: bool = False
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / local workers
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA): autocast forward + loss; weights stay fp32 (dtrain.step)
+    grad_accum: int = 1  # micro-batches per optimizer step; workload.batch_size is split into this many
+    compile: bool = False  # torch.compile the model's forward
 
 
 DEFAULTS = {"workload": "char_lm", "algo": "diloco", "comm": "torch"}
@@ -237,6 +240,12 @@ def validate(cfg: DictConfig) -> None:
             preset_of(o)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    from dtrain import step  # precision, grad_accum, compile
+
+    try:
+        step.check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from dtrain import hierarchy  # parallel.* and comm.inner_size together
 
     try:

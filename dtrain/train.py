@@ -28,6 +28,7 @@ from dtrain.report import MetricsLog, Progress, RunNotes, stderr_line, aggregate
 from dtrain.guards import NonfiniteGuard, TrainingError, refuse_nonfinite_weights, skipped_updates, warn_noops
 from dtrain.run_start import checkpoint_path, one_line, open_run
 from dtrain.run_state import RunState
+from dtrain.step import Stepper
 
 
 class WorkerStopped(TrainingError):
@@ -97,6 +98,7 @@ class Parts:
     attached: Attached
     scheduler: Any
     lisa: Any
+    stepper: Stepper  # one optimizer step: micro-batches, precision, compile (dtrain.step)
 
     @classmethod
     def build(cls, cfg: DictConfig, comm: Comm) -> Parts:
@@ -121,7 +123,9 @@ class Parts:
         if lisa is not None and isinstance(attached.algorithm, OptimizerHook):  # SPSA keeps no per-parameter state
             lisa.notify(attached.algorithm)
         scheduler = attached.scheduler or build_scheduler(cfg.optim, optimizer, cfg.steps)
-        return cls(workload, model, optimizer, attached, scheduler, lisa)
+        stepper = Stepper(model=model, optimizer=optimizer, attached=attached, workload=workload, comm=comm,
+                          precision=cfg.precision, grad_accum=cfg.grad_accum, compile=cfg.compile, grad_clip=cfg.optim.grad_clip)
+        return cls(workload, model, optimizer, attached, scheduler, lisa, stepper)
 
     @property
     def algorithm(self) -> Any:
@@ -130,7 +134,8 @@ class Parts:
     def state_dicts(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "algorithm": self.algorithm.state_dict(),
-                "lisa": self.lisa.state_dict() if self.lisa is not None else {}}
+                "lisa": self.lisa.state_dict() if self.lisa is not None else {},
+                **({"stepper": self.stepper.state_dict()} if self.stepper.state_dict() else {})}  # fp16's loss scale
 
     def load_state_dicts(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
@@ -139,6 +144,7 @@ class Parts:
         self.algorithm.load_state_dict(saved["algorithm"])
         if self.lisa is not None:
             self.lisa.load_state_dict(saved["lisa"])
+        self.stepper.load_state_dict(saved.get("stepper", {}))
 
 
 class Worker:
@@ -221,7 +227,7 @@ class Worker:
         t0 = time.perf_counter()
         skipped_before = skipped_updates(p.algorithm)
         talked_before = (self.comm.stats.collectives, self.comm.stats.messages)
-        loss = _train_step(self.cfg, p.model, p.optimizer, p.attached, p.workload, batch, comm=self.comm)
+        loss = p.stepper(batch)
         if p.attached.scheduler_takes_loss:
             p.scheduler.step(loss if math.isfinite(loss) else None)
         else:
@@ -307,38 +313,6 @@ class Worker:
         if cfg.plot:
             plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
         return summary
-
-
-def _train_step(cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, attached: Attached, workload: Any,
-                batch: Any, *, comm: Comm | None = None) -> float:
-    """One step; a non-finite loss or gradient never reaches the weights (grads dropped, step skipped)."""
-    # hierarchy hook: a worker's processes backward together (FSDP2/DDP collectives) and agree on the norm
-    grouped = comm is not None and comm.inner_comm is not None
-    if attached.forward_only:  # the algorithm is the optimizer (SPSA): its step runs the forwards and fires its hooks
-        return float(optimizer.step(lambda: workload.loss(model, batch)))
-    loss = workload.loss(model, batch)
-    value = float(loss.detach())
-    ok = math.isfinite(value)
-    if grouped:  # a NaN loss still backwards (FSDP2/DDP collectives); the worker's processes agree to skip
-        loss.backward()
-        ok, value = hierarchy.agree_step(list(model.parameters()), cfg.optim.grad_clip, comm, value)
-    elif ok:
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                                  cfg.optim.grad_clip, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
-        ok = bool(torch.isfinite(norm))  # a finite loss can still have Inf/NaN gradients
-    if not ok:
-        # Grads set to None make optimizer.step() a no-op on the weights while the algorithm's
-        # step counter still advances, so this worker stays in lock-step with the others.
-        optimizer.zero_grad(set_to_none=True)
-        value = float("nan")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return value
 
 
 def _evaluate(workload: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

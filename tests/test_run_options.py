@@ -1,11 +1,17 @@
-"""Run-level options of `dtrain train` (issue 17): the user's own model through a factory."""
+"""Run-level options of `dtrain train` (issue 17): the user's own model, precision, grad_accum."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from dtrain.algorithms.base import AttachContext
+from dtrain.algorithms.ddp import DDP
+from dtrain.comm.local import run_local
 from dtrain.config import ConfigError, load
+from dtrain.step import Stepper
 from dtrain.train import run
+from dtrain.workloads.base import Workload, generator
 
 LOCAL = ["comm.name=local", "ckpt_every=0", "progress=false", "plot=false", "threads=1"]
 
@@ -39,3 +45,97 @@ def test_factory_keys_are_its_parameters(tmp_path):
                       f"out_dir={tmp_path}", *LOCAL])
     with pytest.raises(ValueError, match="returned int, not a dtrain.workloads.base.Workload"):
         run(cfg)
+
+
+TINY_LM = ["workload.n_layer=1", "workload.d_model=32", "workload.n_head=2", "workload.seq_len=32", "workload.batch_size=8",
+           "workload.eval_batches=1", "workload.eval_batch_size=8"]
+
+
+def _lm(tmp_path, name, *extra):
+    return run(load(None, [*TINY_LM, "steps=6", "eval_every=6", "optim.warmup_steps=0", f"out_dir={tmp_path / name}",
+                           *LOCAL, *extra]))
+
+
+def test_bf16_trains_close_to_but_not_exactly_fp32(tmp_path):
+    fp32 = _lm(tmp_path, "fp32", "algo.name=none", "comm.workers=1")
+    bf16 = _lm(tmp_path, "bf16", "algo.name=none", "comm.workers=1", "precision=bf16")
+    assert bf16["eval"]["value"] < bf16["eval"]["initial"] - 0.2  # it trains
+    assert bf16["final_loss"] != fp32["final_loss"]  # the forward really ran in bf16
+    assert abs(bf16["final_loss"] - fp32["final_loss"]) < 0.02 * fp32["final_loss"]
+    assert bf16["eval"]["initial"] == fp32["eval"]["initial"]  # evaluation stays fp32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("precision=fp8", "precision must be fp32, bf16 or fp16, got 'fp8'"),
+    ("grad_accum=0", "grad_accum must be >= 1, got 0"),
+    ("grad_accum=3", "grad_accum=3 must divide workload.batch_size=16"),
+    ("algo.name=spsa grad_accum=2", "grad_accum is ignored under algo.name=spsa"),
+])
+def test_bad_step_keys_are_one_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load(None, override.split())
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA is")
+def test_fp16_without_cuda_is_refused():
+    with pytest.raises(ConfigError, match="precision=fp16 needs CUDA.*use precision=bf16 on CPU"):
+        load(None, ["precision=fp16"])
+
+
+class _Linear(Workload):
+    """float64 least squares: the accumulation is checked at float64 precision, not at fp32 noise."""
+
+    def __init__(self) -> None:
+        super().__init__(None, seed=0)
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+
+    def train_batch(self, step, rank, world_size):
+        g = generator(0, step, rank)
+        x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+        return x, x.sum(-1, keepdim=True).sin()
+
+    def loss(self, model, batch):
+        return ((model(batch[0]) - batch[1]) ** 2).mean()
+
+    def evaluate(self, model):
+        return {"val_loss": 0.0}
+
+
+def _ddp_weights(grad_accum: int) -> list:
+    w = _Linear()
+
+    def worker(comm):
+        model = w.build_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        stepper = Stepper(model=model, optimizer=opt, attached=DDP.attach(DDP.Config(), _ctx(model, opt, comm)),
+                          workload=w, comm=comm, grad_accum=grad_accum)
+        losses = [stepper(w.train_batch(step, comm.rank, comm.world_size)) for step in range(4)]
+        return [p.detach().clone() for p in model.parameters()], losses, comm.stats.copy()
+
+    return run_local(2, worker)
+
+
+def _ctx(model, opt, comm):
+    return AttachContext(model=model, optimizer=opt, comm=comm, seed=0, total_steps=4, lr=0.1, workload=None)
+
+
+def test_ddp_grad_accum_equals_one_big_batch_and_sends_the_same_bytes():
+    one, two = _ddp_weights(1), _ddp_weights(2)
+    for (w1, l1, s1), (w2, l2, s2) in zip(one, two):
+        for a, b in zip(w1, w2):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert l1 == pytest.approx(l2, rel=1e-12)
+        assert (s2.bytes_sent, s2.collectives) == (s1.bytes_sent, s1.collectives) and s1.bytes_sent > 0
+    assert not torch.equal(one[0][0][0], _Linear().build_model()[0].weight)  # it did train
+
+
+def test_grad_accum_in_a_run_keeps_the_trajectory_and_bytes(tmp_path):
+    a1 = _lm(tmp_path, "a1", "algo.name=ddp", "comm.workers=2", "optim.name=sgd", "optim.grad_clip=0")
+    a2 = _lm(tmp_path, "a2", "algo.name=ddp", "comm.workers=2", "optim.name=sgd", "optim.grad_clip=0", "grad_accum=2")
+    assert a2["final_loss"] == pytest.approx(a1["final_loss"], rel=1e-5)
+    assert a2["comm"]["max"]["bytes_sent"] == a1["comm"]["max"]["bytes_sent"]
+    assert a2["comm"]["max"]["collectives"] == a1["comm"]["max"]["collectives"]
