@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return score_main(rest)
     if command not in ("train", "config"):
         return _fail(f"unknown command {command!r}; use train, score or config")
-    if rest and rest[0] in ("-h", "--help"):
-        print(USAGE)
+    if any(a in ("-h", "--help") for a in rest):
+        print(USAGE + "\n\n" + keys_help())
         return 0
     from dtrain.config import ConfigError, load, to_yaml
 
@@ -53,6 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     from dtrain.train import run
 
     return run_and_report(cfg, lambda: run(cfg))
+
+
+def keys_help(width: int = 100) -> str:
+    """Every section and key with its default (workload, algo and comm at their default names: their
+    other keys follow from the name chosen; `dtrain config ... algo.name=X` prints them for X)."""
+    import textwrap
+
+    from omegaconf import OmegaConf
+
+    from dtrain.config import DEFAULTS, SECTIONS, RunConfig, section_module
+
+    def keys(prefix: str, node: object, skip: tuple[str, ...] = ()) -> list[str]:
+        data = OmegaConf.to_container(OmegaConf.structured(node))
+        return [f"{prefix}{k}={'null' if v is None else v}" for k, v in data.items() if k not in skip]
+
+    nested = ("workload", "algo", "comm", "optim", "lisa", "parallel")
+    rows = [("run", keys("", RunConfig(), skip=nested))]
+    for section in ("workload", "algo", "comm"):
+        names = " | ".join(SECTIONS[section]) + (" | module.path:factory" if section == "workload" else "")
+        config = section_module(section, DEFAULTS[section]).Config()
+        rows.append((section, [f"{section}.name={DEFAULTS[section]} ({names})", *keys(f"{section}.", config, skip=("name",))]))
+    rows.append(("optim", keys("optim.", RunConfig().optim)))
+    rows.append(("parallel", keys("parallel.", RunConfig().parallel)))
+    rows.append(("lisa", ["with algo=[lisa,ALGO]; lisa.KEY=... (dtrain config algo=[lisa,ddp] lists them)"]))
+    out = ["keys (key=default; workload, algo and comm show their default name's keys: `dtrain config [CONFIG] "
+           "algo.name=X` prints those of X):"]
+    for section, items in rows:
+        out.append(textwrap.fill("  ".join(items), width=width, initial_indent=f"  {section + ':':<10}",
+                                 subsequent_indent=" " * 12, break_on_hyphens=False))
+    return "\n".join(out)
 
 
 def run_and_report(cfg: Any, train: Callable[[], dict[str, Any] | None]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -139,3 +141,36 @@ def test_grad_accum_in_a_run_keeps_the_trajectory_and_bytes(tmp_path):
     assert a2["final_loss"] == pytest.approx(a1["final_loss"], rel=1e-5)
     assert a2["comm"]["max"]["bytes_sent"] == a1["comm"]["max"]["bytes_sent"]
     assert a2["comm"]["max"]["collectives"] == a1["comm"]["max"]["collectives"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DTRAIN_COMPILE_TESTS"),
+                    reason="torch.compile of even a tiny model takes 35-100 s on a shared 2-core CPU; DTRAIN_COMPILE_TESTS=1 runs it")
+def test_compile_runs_and_checkpoints_the_original_module(tmp_path):
+    summary = run(load(None, ["workload.name=my_models:make", "algo.name=ddp", "comm.workers=1", "steps=2", "eval_every=2",
+                              "compile=true", f"out_dir={tmp_path}", *LOCAL[1:], "ckpt_every=2", "comm.name=local"]))
+    assert summary["steps"] == 2 and summary["eval"]["value"] < summary["eval"]["initial"]
+    saved = torch.load(next((tmp_path / "checkpoints").rglob("*.pt")), weights_only=False)
+    assert not any("_orig_mod" in k for k in saved["model"])  # the algorithms and checkpoints see the plain module
+
+
+def test_train_help_lists_sections_and_keys_with_defaults(capsys):
+    from dtrain.cli import main
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("steps=300", "precision=fp32", "grad_accum=1", "compile=False", "optim.lr=null", "optim.grad_clip=1.0",
+                "workload.name=char_lm", "workload.batch_size=16", "module.path:factory", "algo.name=diloco",
+                "algo.sync_every=500", "comm.name=torch", "parallel.inner=none"):
+        assert key in out, key
+
+
+def test_torch_comm_outside_torchrun_names_the_valid_alternative(tmp_path, monkeypatch):
+    from dtrain.comm.base import CommError
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(CommError) as e:  # `dtrain train` prints it as its one error line
+        run(load(None, ["comm.name=torch", "steps=1", f"out_dir={tmp_path}"]))
+    msg = str(e.value)
+    assert "\n" not in msg and "torchrun --nproc-per-node" in msg and "`comm.name=local comm.workers=4`" in msg

@@ -52,7 +52,9 @@ class TorchComm(Comm):
         if not dist.is_initialized():
             missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
-                raise CommError(f"torch backend needs torchrun's environment (missing {', '.join(missing)}): launch with torchrun or use comm=local")
+                raise CommError(f"comm.name=torch needs torchrun's environment ({', '.join(missing)} unset): run under "
+                                "`torchrun --nproc-per-node 4 -m dtrain.cli train ...`, or add `comm.name=local comm.workers=4` "
+                                "for 4 workers as threads in this process")
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
