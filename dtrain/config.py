@@ -128,6 +128,7 @@ class RunConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA): autocast forward + loss; weights stay fp32 (dtrain.step)
     grad_accum: int = 1  # micro-batches per optimizer step; workload.batch_size is split into this many
     compile: bool = False  # torch.compile the model's forward
+    tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard/
 
 
 DEFAULTS = {"workload": "char_lm", "algo": "diloco", "comm": "torch"}
@@ -240,10 +241,11 @@ def validate(cfg: DictConfig) -> None:
             preset_of(o)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    from dtrain import step  # precision, grad_accum, compile
+    from dtrain import step, tensorboard_log  # precision, grad_accum, compile; tensorboard
 
     try:
         step.check(cfg)
+        tensorboard_log.check(cfg.tensorboard)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     from dtrain import hierarchy  # parallel.* and comm.inner_size together

@@ -29,6 +29,7 @@ from dtrain.guards import NonfiniteGuard, TrainingError, refuse_nonfinite_weight
 from dtrain.run_start import checkpoint_path, one_line, open_run
 from dtrain.run_state import RunState
 from dtrain.step import Stepper
+from dtrain.tensorboard_log import TensorBoardLog
 
 
 class WorkerStopped(TrainingError):
@@ -185,6 +186,7 @@ class Worker:
         self.window = self.comm.stats.copy()  # counters cover training only (setup collectives excluded)
         self.inner_window = self.inner_stats()
         self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.start) if self.lead else None
+        self.tb = TensorBoardLog(self.out, resume_step=self.start) if self.lead and self.cfg.tensorboard else None
         self.wall0 = time.perf_counter() - self.state.wall_s
 
     def comm_now(self) -> CommStats:
@@ -244,6 +246,8 @@ class Worker:
     def write(self, row: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.write(row)
+        if self.tb is not None:
+            self.tb.write(row)
 
     def log_row(self, done: int) -> None:
         if done % self.cfg.log_every and done != self.cfg.steps:
@@ -304,6 +308,8 @@ class Worker:
         }
         if self.log is not None:
             self.log.close()
+        if self.tb is not None:
+            self.tb.close()
         records = _gather_records(self.comm, record)
         if not self.lead:
             return None

@@ -92,8 +92,12 @@ class _Linear(Workload):
         super().__init__(None, seed=0)
 
     def build_model(self):
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+        g = generator(0, "init")  # never the global RNG: run_local's workers are threads
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        return model
 
     def train_batch(self, step, rank, world_size):
         g = generator(0, step, rank)
@@ -174,3 +178,30 @@ def test_torch_comm_outside_torchrun_names_the_valid_alternative(tmp_path, monke
         run(load(None, ["comm.name=torch", "steps=1", f"out_dir={tmp_path}"]))
     msg = str(e.value)
     assert "\n" not in msg and "torchrun --nproc-per-node" in msg and "`comm.name=local comm.workers=4`" in msg
+
+
+def test_tensorboard_events_hold_the_metrics_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(load(None, ["workload.name=my_models:make", "algo.name=none", "comm.workers=1", "steps=6", "log_every=2",
+                    "eval_every=3", "tensorboard=true", f"out_dir={tmp_path}", *LOCAL]))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    for tag in ("loss", "lr", "bytes_sent", "eval", "eval/val_loss"):
+        key = tag.split("/")[0]
+        want = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in want] and want, tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), tag
+
+
+def test_tensorboard_without_the_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'^tensorboard=true needs the tensorboard package: pip install "dtrain\[tensorboard\]"'):
+        load(None, ["tensorboard=true"])
