@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,19 @@ def test_own_model_from_a_factory_trains(tmp_path):
     assert summary["workload"] == "my_regression" and summary["world_size"] == 2
     assert summary["eval"]["value"] < 0.6 * summary["eval"]["initial"]
     assert (tmp_path / "config.yaml").read_text().count("hidden: 8") == 1
+
+
+def test_the_readme_factory_example_trains(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Your own model"):]
+    (tmp_path / "readme_models.py").write_text(re.search(r"```python\n(.*?)```", section, flags=re.S).group(1))
+    command = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    keys = [k for k in command.split() if k.startswith("workload.")]
+    assert keys == ["workload.name=my_models:make", "workload.hidden=64"]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    summary = run(load(None, ["workload.name=readme_models:make", keys[1], "algo.name=none", "comm.workers=1", "steps=15",
+                              "eval_every=15", "optim.lr=0.01", f"out_dir={tmp_path / 'run'}", *LOCAL]))
+    assert summary["workload"] == "my_regression" and summary["eval"]["value"] < 0.7 * summary["eval"]["initial"]
 
 
 @pytest.mark.parametrize("name, message", [
@@ -137,6 +152,17 @@ def test_ddp_grad_accum_equals_one_big_batch_and_sends_the_same_bytes():
         assert l1 == pytest.approx(l2, rel=1e-12)
         assert (s2.bytes_sent, s2.collectives) == (s1.bytes_sent, s1.collectives) and s1.bytes_sent > 0
     assert not torch.equal(one[0][0][0], _Linear().build_model()[0].weight)  # it did train
+
+
+def test_a_nan_micro_batch_skips_the_step_on_every_ddp_worker(tmp_path):
+    from dtrain.config import register_workload
+
+    register_workload("toy", "toy_workload")
+    summary = run(load(None, ["workload.name=toy", "workload.nan_steps=[2]", "workload.nan_rank=1", "algo.name=ddp",
+                              "comm.workers=2", "grad_accum=2", "steps=5", "eval_every=5", f"out_dir={tmp_path}", *LOCAL]))
+    assert summary["nonfinite_steps"] == 1  # rank 1's first micro-batch at step 2 is NaN: it stops that step there
+    assert summary["skipped_steps"] == 1  # the other worker skipped that update too
+    assert len({w["collectives"] for w in summary["comm"]["per_worker"]}) == 1  # and nobody was left waiting
 
 
 def test_grad_accum_in_a_run_keeps_the_trajectory_and_bytes(tmp_path):

@@ -111,6 +111,8 @@ def _section(spec: str, factory: Callable[..., Any]) -> ModuleType:
         if not isinstance(workload, Workload):
             raise FactoryError(f"workload.name={spec} returned {type(workload).__name__}, not a "
                                "dtrain.workloads.base.Workload; return an instance of a Workload subclass")
+        if not workload.name:
+            workload.name = spec  # summary.json names the workload; an unnamed one goes by its factory
         return workload
 
     section = ModuleType(f"dtrain.workloads.factory[{spec}]")
