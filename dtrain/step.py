@@ -50,8 +50,9 @@ def check(cfg: Any) -> None:
     if hierarchy.enabled(cfg):
         for key, off in (("precision", "fp32"), ("grad_accum", 1), ("compile", False)):
             if cfg[key] != off:
+                hint = " (parallel.mixed_precision=bf16 computes in bf16 under FSDP2)" if key == "precision" else ""
                 raise ValueError(f"{key}={cfg[key]} is not supported with hierarchical workers (parallel.inner="
-                                 f"{cfg.parallel.inner}) yet; remove it (parallel.mixed_precision=bf16 covers FSDP2 precision)")
+                                 f"{cfg.parallel.inner}) yet; remove it{hint}")
 
 
 def split(batch: Any, parts: int) -> list[Any]:

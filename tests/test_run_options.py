@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.algorithms.base import AttachContext
+from dtrain.algorithms.base import AttachContext, Attached
 from dtrain.algorithms.ddp import DDP
 from dtrain.comm.local import run_local
 from dtrain.config import ConfigError, load
@@ -87,6 +88,8 @@ def test_bf16_trains_close_to_but_not_exactly_fp32(tmp_path):
     ("grad_accum=0", "grad_accum must be >= 1, got 0"),
     ("grad_accum=3", "grad_accum=3 must divide workload.batch_size=16"),
     ("algo.name=spsa grad_accum=2", "grad_accum is ignored under algo.name=spsa"),
+    ("comm.inner_size=2 parallel.inner=ddp grad_accum=2", "grad_accum=2 is not supported with hierarchical workers"),
+    ("comm.inner_size=2 parallel.inner=fsdp precision=bf16", "precision=bf16 is not supported with hierarchical workers"),
 ])
 def test_bad_step_keys_are_one_line(override, message):
     with pytest.raises(ConfigError) as e:
@@ -231,3 +234,26 @@ def test_tensorboard_without_the_package_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match=r'^tensorboard=true needs the tensorboard package: pip install "dtrain\[tensorboard\]"'):
         load(None, ["tensorboard=true"])
+
+
+def test_fp16_loss_scaling_skips_an_overflow_in_lock_step_then_trains():
+    """The fp16 path on CPU (the config allows fp16 only with CUDA; the step itself is device-agnostic)."""
+    from dtrain.algorithms.local_only import LocalOnly
+    from dtrain.comm.local import LocalGroup
+
+    w = _Linear()
+    model = w.build_model().float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = LocalOnly(opt, LocalGroup(1).comm(0))
+    stepper = Stepper(model=model, optimizer=opt, attached=Attached(algorithm=algo), workload=w, precision="fp16")
+    stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # the first scaled gradient overflows fp16
+    batch = [t.float() for t in w.train_batch(0, 0, 1)]
+    before = [p.detach().clone() for p in model.parameters()]
+    assert math.isnan(stepper(batch))  # overflow: no update ...
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert algo.step == 1 and stepper.scaler.get_scale() == 2.0**39  # ... but the algorithm stepped, the scale halved
+    for _ in range(30):
+        stepper(batch)
+    assert stepper.scaler.get_scale() < 2.0**20  # it came down to where fp16 gradients fit
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # and then the weights moved
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
