@@ -70,7 +70,7 @@ def _section(spec: str, factory: Callable[..., Any]) -> ModuleType:
     except (TypeError, ValueError):  # a builtin without a signature: it takes no keys
         params = {}
     try:
-        hints = typing.get_type_hints(factory)
+        hints = typing.get_type_hints(factory.__init__ if isinstance(factory, type) else factory)  # a class: its __init__
     except Exception:  # noqa: BLE001 - unresolvable annotations only cost the type check
         hints = {}
     fields: list[tuple[str, Any, Any]] = [("name", str, dataclasses.field(default=spec))]
@@ -128,8 +128,8 @@ def _key_type(hint: Any) -> Any:
     if origin in (list, dict):
         return hint if all(a in _PLAIN for a in args) else origin
     if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
-        inner = next(a for a in args if a is not type(None))
-        return typing.Optional[inner] if inner in _PLAIN else Any
+        inner = _key_type(next(a for a in args if a is not type(None)))
+        return Any if inner is Any else typing.Optional[inner]
     return Any
 
 
