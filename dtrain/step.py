@@ -85,6 +85,8 @@ class Stepper:
     def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, attached: Attached, workload: Any,
                  comm: Any = None, precision: str = "fp32", grad_accum: int = 1, compile: bool = False,
                  grad_clip: float = 0.0) -> None:
+        if precision not in PRECISIONS or grad_accum < 1:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} and grad_accum >= 1, got {precision!r}, {grad_accum}")
         self.model, self.optimizer, self.attached, self.workload = model, optimizer, attached, workload
         self.grad_accum, self.grad_clip = grad_accum, grad_clip
         # only the forward goes through the compiled wrapper: its parameters are the module's own
@@ -135,6 +137,7 @@ class Stepper:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         value = sum(values) / len(values)  # equal micro-batches: the mean of their means is the batch's
         unscaled = False
+        skipped_before = int(getattr(self.attached.algorithm, "skipped_steps", 0))
         if self.grouped:  # a NaN loss still backwards (FSDP2/DDP collectives); the worker's processes agree to skip
             ok, value = hierarchy.agree_step(list(self.model.parameters()), self.grad_clip, self.comm, value)
         elif ok:
@@ -148,10 +151,21 @@ class Stepper:
             optimizer.zero_grad(set_to_none=True)
             value = float("nan")
         optimizer.step()  # never scaler.step: it would skip the algorithm's hooks on an overflow
-        if unscaled:
-            self.scaler.update()  # an overflow (caught above as a non-finite gradient) halves the scale
+        if self.scaler is not None:
+            self._update_scale(skipped=not ok or int(getattr(self.attached.algorithm, "skipped_steps", 0)) > skipped_before,
+                               unscaled=unscaled)
         optimizer.zero_grad(set_to_none=True)
         return value
+
+    def _update_scale(self, *, skipped: bool, unscaled: bool) -> None:
+        """Halve the loss scale whenever the update was skipped, grow it as GradScaler does otherwise.
+        DDP replaces a worker's overflowed gradient by zeros and a flag, so the scaler itself may see
+        no inf while every worker skips: the skip (agreed by all) is the signal, so that under DDP
+        every worker keeps the same scale and the mean never mixes gradients of different scales."""
+        if skipped:
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        elif unscaled:
+            self.scaler.update()
 
     def _clip_and_check(self) -> bool:
         params = [p for p in self.model.parameters() if p.grad is not None]

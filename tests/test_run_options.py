@@ -257,3 +257,23 @@ def test_fp16_loss_scaling_skips_an_overflow_in_lock_step_then_trains():
     assert stepper.scaler.get_scale() < 2.0**20  # it came down to where fp16 gradients fit
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # and then the weights moved
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_fp16_under_ddp_one_workers_overflow_halves_every_workers_scale():
+    """DDP turns a worker's overflowed gradient into zeros and a flag: the scaler must still back off, on all workers."""
+    w = _Linear()
+
+    def worker(comm):
+        model = w.build_model().float()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stepper = Stepper(model=model, optimizer=opt, attached=DDP.attach(DDP.Config(), _ctx(model, opt, comm)),
+                          workload=w, comm=comm, precision="fp16")
+        stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        x, y = (t.float() for t in w.train_batch(0, comm.rank, 2))
+        loss = stepper((x, y * (1e4 if comm.rank == 1 else 1.0)))  # rank 1's fp16 gradient overflows
+        return loss, stepper.scaler.get_scale(), [p.detach().clone() for p in model.parameters()]
+
+    (_, s0, w0), (_, s1, w1) = run_local(2, worker)
+    assert s0 == s1 == 2.0**7  # both backed off (rank 0's own gradient was fine)
+    start = list(w.build_model().float().parameters())
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(w0, w1, start))  # and both skipped the update
