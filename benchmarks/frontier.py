@@ -157,8 +157,7 @@ def main() -> int:
         args.small_points = ["ddp:-:0", "diloco:10:0", "noloco:10:0"]
     # The machine is shared: runs go several at a time at nice 10 (they take what others leave idle).
     runner = Runner(cache=args.cache / ("quick" if args.quick else "full"), nice=0 if args.quick else 10,
-                    parallel=args.parallel, only_cached=args.from_cache,
-                    partial=args.partial)
+                    parallel=args.parallel, only_cached=args.from_cache, partial=args.partial, in_process=args.quick)
     table_ = runner.table
     labels = {m: table_[m].label for m in table_}
     main_common = {"workers": args.workers, "steps": args.steps, "extra": extra, "batch": args.main_batch}
@@ -187,7 +186,7 @@ def main() -> int:
             out.append(("main", tr, runner.one(tr)))  # type: ignore[arg-type]
         return out
 
-    with ThreadPoolExecutor(2) as pool:  # the two regimes run side by side, each one run at a time
+    with ThreadPoolExecutor(1 if runner.in_process else 2) as pool:  # the two regimes side by side (apart from smoke runs)
         lanes = [pool.submit(main_lane), pool.submit(small_lane)]
         results = [x for lane in lanes for x in lane.result() if x[2] is not None]
     text = f"Sweep (second regime, {args.sweep_steps} steps, H={args.sweep_h}, {args.workers} workers, seed 0):\n"
@@ -202,21 +201,21 @@ def main() -> int:
         text += f"\n\nPARTIAL: runs cut at step {cut} of {args.steps} (the last evaluation every run reached); rank 0's loss"
     rows = rows_of(results, labels)
     text += "\n\nFrontier (final val loss = mean over workers; mean ± std over seeds; bytes sent per worker):\n"
-    text += table(rows, COLUMNS) + "\n\n" + _verdicts(rows)
+    text += table(rows, COLUMNS) + "\n\n" + _verdicts(rows, workers=args.workers)
     payload = {"quick": args.quick, "partial_step": cut, "steps": args.steps, "workers": args.workers, "main_batch": args.main_batch,
                "small_batch": args.small_batch, "main_hp": DEFAULT_HP,
                "sweep": {"steps": args.sweep_steps, "h": args.sweep_h, "trials": trials, "chosen": hps}, "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        plot_frontier(rows, Path(args.out).with_suffix(".png"), steps=args.steps)
-        plot_curves(rows, Path(args.out).with_name(Path(args.out).stem + "_curves.png"))
+        plot_frontier(rows, Path(args.out).with_suffix(".png"), steps=args.steps, workers=args.workers)
+        plot_curves(rows, Path(args.out).with_name(Path(args.out).stem + "_curves.png"), workers=args.workers)
     text += f"\n\nWall {time.perf_counter() - t0:.0f}s (cached runs are not rerun)."
     write_outputs(args.out, payload, text)
     return 0
 
 
-def _verdicts(rows: list[dict[str, Any]]) -> str:
-    main = [r for r in rows if r["regime"] == "main" and r["workers"] == 4 and r["launcher"] == "local"]
+def _verdicts(rows: list[dict[str, Any]], *, workers: int) -> str:
+    main = [r for r in rows if r["regime"] == "main" and r["workers"] == workers and r["launcher"] == "local"]
     lines = []
     far = [r for r in main if r["method"] != "ddp" and r.get("fewer_bytes", 0) >= 100]
     if far:

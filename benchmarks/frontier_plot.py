@@ -18,13 +18,13 @@ def _plt():
     return plt
 
 
-def plot_frontier(rows: list[dict[str, Any]], path: Path, *, steps: int) -> None:
+def plot_frontier(rows: list[dict[str, Any]], path: Path, *, steps: int, workers: int) -> None:
     """One panel per regime: a line per method through its H values, DDP as a point with a ±1 std band."""
     plt = _plt()
     regimes = [g for g in ("main", "small") if any(r["regime"] == g for r in rows)]
     fig, axes = plt.subplots(1, len(regimes), figsize=(7.5 * len(regimes), 5.2), squeeze=False)
     for ax, regime in zip(axes[0], regimes):
-        mine = [r for r in rows if r["regime"] == regime and r["workers"] == 4 and r["launcher"] == "local"]
+        mine = [r for r in rows if r["regime"] == regime and r["workers"] == workers and r["launcher"] == "local"]
         ddp = next((r for r in mine if r["method"] == "ddp"), None)
         if ddp is not None:
             std = ddp["val_loss_std"] or 0.0
@@ -46,7 +46,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, steps: int) -> None
         ax.set_ylabel("final validation loss (nats/byte, mean over workers)")
         batch = mine[0]["runs"][0].get("batch_tokens") if mine else None
         what = "papers' regime: large per-worker batch" if regime == "main" else "small per-worker batch"
-        ax.set_title(f"char_lm, 4 workers, {steps} steps — {what}" + (f" ({batch} tokens)" if batch else ""), fontsize=10)
+        ax.set_title(f"char_lm, {workers} workers, {steps} steps — {what}" + (f" ({batch} tokens)" if batch else ""), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle("Quality vs communication: final loss against bytes sent per worker", fontsize=12)
@@ -55,10 +55,10 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path, *, steps: int) -> None
     plt.close(fig)
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_curves(rows: list[dict[str, Any]], path: Path, *, workers: int) -> None:
     """Validation loss against step, one panel per method (seed 0 of each H), DDP in every panel."""
     plt = _plt()
-    main = [r for r in rows if r["regime"] == "main" and r["workers"] == 4 and r["launcher"] == "local"]
+    main = [r for r in rows if r["regime"] == "main" and r["workers"] == workers and r["launcher"] == "local"]
     ddp = next((r for r in main if r["method"] == "ddp"), None)
     methods = list(dict.fromkeys(r["method"] for r in main if r["method"] != "ddp"))
     if not methods:

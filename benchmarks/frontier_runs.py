@@ -102,21 +102,28 @@ class Run:
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def train(run: Run, out_dir: Path, table: dict[str, Method], *, nice: int = 10) -> dict[str, Any]:
-    """One `dtrain train` job of ``run``; the numbers a frontier row needs and the loss curve."""
+def train(run: Run, out_dir: Path, table: dict[str, Method], *, nice: int = 10, in_process: bool = False) -> dict[str, Any]:
+    """One `dtrain train` job of ``run``; the numbers a frontier row needs and the loss curve. ``in_process``
+    (local runs only) calls the same entry point in this process: no interpreter start, for smoke runs."""
     base = ["progress=false", "plot=false", "ckpt_every=0", "threads=1", f"out_dir={out_dir}", *run.overrides(table)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    pre = ["nice", "-n", str(nice)] if nice else []
-    if run.launcher == "torchrun":
-        cmd = [*pre, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(run.workers), "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), "-m", "dtrain.cli", "train", CONFIG, "comm.name=torch", *base]
-    else:
-        cmd = [*pre, sys.executable, "-m", "dtrain.cli", "train", CONFIG, "comm.name=local", f"comm.workers={run.workers}",
-               "comm.timeout_s=600", *base]
+    local = ["comm.name=local", f"comm.workers={run.workers}", "comm.timeout_s=600"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{run} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    if in_process and run.launcher == "local":
+        from dtrain.config import load
+        from dtrain.train import run as train_run
+
+        train_run(load(CONFIG, [*local, *base]))
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        pre = ["nice", "-n", str(nice)] if nice else []
+        if run.launcher == "torchrun":
+            cmd = [*pre, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(run.workers), "--master-addr",
+                   "127.0.0.1", "--master-port", str(free_port()), "-m", "dtrain.cli", "train", CONFIG, "comm.name=torch", *base]
+        else:
+            cmd = [*pre, sys.executable, "-m", "dtrain.cli", "train", CONFIG, *local, *base]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{run} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     summary = json.loads((out_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     workers = summary["workers"]
@@ -143,6 +150,7 @@ class Runner:
     parallel: int = 1
     nice: int = 10
     table: dict[str, Method] = field(default_factory=methods)
+    in_process: bool = False  # local runs in this process, one at a time (smoke runs)
     only_cached: bool = False  # report what has finished; run nothing
     partial: bool = False  # with only_cached: an unfinished run reports its curve so far (rank 0's log)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
@@ -164,10 +172,10 @@ class Runner:
             out_dir = self.cache / "runs" / run.key()
             if out_dir.exists():
                 shutil.rmtree(out_dir)  # a killed attempt: start over
-            result = train(run, out_dir, self.table, nice=self.nice)
+            result = train(run, out_dir, self.table, nice=self.nice, in_process=self.in_process)
         else:
             with tempfile.TemporaryDirectory(prefix="dtrain-frontier-") as tmp:
-                result = train(run, Path(tmp) / "run", self.table, nice=self.nice)
+                result = train(run, Path(tmp) / "run", self.table, nice=self.nice, in_process=self.in_process)
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
             (self.cache / f"{run.key()}.json").write_text(json.dumps({"run": dataclasses.asdict(run), "result": result}))
@@ -178,7 +186,7 @@ class Runner:
 
     def many(self, runs: Iterable[Run]) -> list[dict[str, Any] | None]:
         runs = list(runs)
-        with ThreadPoolExecutor(max(1, self.parallel)) as pool:
+        with ThreadPoolExecutor(1 if self.in_process else max(1, self.parallel)) as pool:
             return list(pool.map(self.one, runs))
 
 

@@ -14,7 +14,8 @@ Part ``wan`` (real processes: one torchrun per network namespace, launchers/wan.
 Part ``memory``: the outer state each algorithm keeps per worker with ``outer_device=same`` and
 ``=cpu``: its bytes, the bytes on an accelerator, and (with CUDA) the accelerator's peak allocation.
 
-Workload: configs/frontier.yaml when it exists, else char_lm with 2 layers, d_model 64 (137k
+Workload: the workload and optim sections of configs/frontier.yaml when it exists (--batch overrides its
+per-worker batch), else char_lm with 2 layers, d_model 64 (137k
 parameters) and 64 sequences of 64 bytes per worker and step; the JSON names the one used.
 
     python benchmarks/streaming.py [--quick] [--part local|wan|all] [--out benchmarks/results/streaming.json]
@@ -72,12 +73,20 @@ def rows_for(h: int, quick: bool) -> list[tuple[str, str, str, list[str], bool]]
     ]
 
 
-def workload(quick: bool) -> tuple[list[str], str]:
+def workload(quick: bool, batch: int | None = None) -> tuple[list[str], str]:
     if quick:
         return QUICK_MODEL, "char_lm 1 layer d32 (smoke run)"
-    if FRONTIER.exists():
-        return [], "configs/frontier.yaml"  # the config files below are merged over by key only
-    return CHAR_LM, "char_lm 2 layers d64, 64 sequences x 64 bytes per worker and step"
+    if FRONTIER.exists():  # its workload and optimizer keys, over each row's own config file
+        import yaml
+
+        cfg = yaml.safe_load(FRONTIER.read_text())
+        keys = [f"{section}.{k}={v}" for section in ("workload", "optim") for k, v in cfg[section].items()]
+        name = "configs/frontier.yaml (workload and optim sections)"
+    else:
+        keys, name = CHAR_LM, "char_lm 2 layers d64, 64 sequences x 64 bytes per worker and step"
+    if batch is not None:
+        keys, name = [*keys, f"workload.batch_size={batch}"], f"{name} with {batch} sequences per worker and step"
+    return keys, name
 
 
 def summarise(label: str, family: str, seed: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +110,7 @@ def run_local(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]]
     from dtrain.train import run
 
     torch.set_num_threads(1)
-    model, name = workload(args.quick)
+    model, name = workload(args.quick, args.batch)
     h = 8 if args.quick else args.sync_every
     steps = 2 * h if args.quick else args.outer_steps * h
     workers = 2 if args.quick else args.workers
@@ -130,7 +139,7 @@ def run_local(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]]
 
 
 def run_wan(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    model, name = workload(False)
+    model, name = workload(False, args.batch)
     h, steps = args.sync_every, args.wan_outer_steps * args.sync_every
     common = [*model, f"steps={steps}", f"eval_every={steps}", f"algo.sync_every={h}", "ckpt_every=0", "progress=false",
               "plot=false", "threads=1"]
@@ -310,6 +319,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--sync-every", type=int, default=32, help="H (a multiple of 4 for P = 4)")
     parser.add_argument("--outer-steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per worker and step (default: the workload's)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for the rows a goal depends on")
     parser.add_argument("--only", nargs="*", help="run only these row labels")
     parser.add_argument("--seed-list", type=int, nargs="*", help="these seeds (goal rows; other rows: the first)")
