@@ -35,7 +35,7 @@ def logged_step(metrics: Path) -> int:
     return max((r["step"] for r in rows if "loss" in r), default=0)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_a_peer_joining_noloco_mid_run_is_in_step_within_a_round_and_nobody_waits(tmp_path):
     # Two peers, slowed (0.5 s per exchange, two exchanges a round) so the run outlasts the
     # joiner's start-up; the third starts once they are 20 steps in, with an empty out_dir.
@@ -48,7 +48,7 @@ def test_a_peer_joining_noloco_mid_run_is_in_step_within_a_round_and_nobody_wait
             time.sleep(0.2)
         joiner = peers.start_peer([*ARGS, f"out_dir={tmp_path / 'joiner'}"], log_path=tmp_path / "peer2.log",
                                   initial_peers=[addr])
-        codes = peers.wait([*procs, joiner], timeout=240)
+        codes = peers.wait([*procs, joiner], timeout=360)
         assert codes == [0, 0, 0], logs(tmp_path)
     finally:
         peers.stop([*procs, *([joiner] if joiner else [])])

@@ -100,7 +100,7 @@ def final_eval_of(out: Path, rank: int, steps: int, train_args: list[str]) -> fl
     return workload.evaluate(model)[workload.metric]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_bad_peer_is_dropped_and_a_late_peer_joins(tmp_path):
     # Ranks 0 and 1 are slowed (2.5 s per collective) so the run lasts long enough to be joined;
     # rank 2 sends NaNs from its 3rd collective (its first sync) on; a 4th peer joins mid-run.
@@ -116,7 +116,7 @@ def test_bad_peer_is_dropped_and_a_late_peer_joins(tmp_path):
         join_out = tmp_path / "joiner_out"
         joiner_args = [a for a in args if not a.startswith(("out_dir=", "comm.min_peers"))] + [f"out_dir={join_out}"]
         joiner = peers.start_peer(joiner_args, log_path=tmp_path / "peer3.log", initial_peers=[addr])
-        codes = peers.wait([*procs, joiner], timeout=200)
+        codes = peers.wait([*procs, joiner], timeout=360)
         assert codes[0] == 0 and codes[1] == 0, logs(tmp_path)
         assert codes[2] == 1, logs(tmp_path)  # the NaN sender is refused and stops
         assert "dropped by the leader" in (tmp_path / "peer2.log").read_text()

@@ -179,7 +179,7 @@ def test_train_loop_group_of_all_matches_diloco(tmp_path):
             torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)  # Adam amplifies last-bit differences
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(420)
 def test_torchrun_no_collectives_and_exact_resume(tmp_path):
     common = [*TINY, "eval_every=20", "ckpt_every=20", "optim.schedule=constant", "optim.warmup_steps=0",
               "algo.sync_every=5"]
@@ -222,11 +222,11 @@ SLOW_WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)
 def test_torchrun_slow_partner_times_out_and_training_goes_on(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_WORKER)
-    proc = torchrun(4, [str(script), "bf16", str(tmp_path)], timeout=80)
+    proc = torchrun(4, [str(script), "bf16", str(tmp_path)], timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = {r: json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(4) if (tmp_path / f"r{r}.json").exists()}
     assert sorted(reports) == [0, 1, 2, 3]
