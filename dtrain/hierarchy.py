@@ -250,26 +250,31 @@ def _counting_allreduce(k: int, group: dist.ProcessGroup) -> Any:
 
 # -- data, reductions, state ------------------------------------------------------------------------
 
-def local_batch(batch: Any, comm: OuterComm) -> Any:
-    """This process's equal slice (along dim 0) of its worker's batch."""
-    k, i = comm.layout.inner_size, comm.layout.inner_rank
-    if k == 1:
+def batch_part(batch: Any, parts: int, index: int, *, key: str) -> Any:
+    """Slice ``index`` of ``parts`` equal slices (along dim 0) of ``batch``: a tensor, or a tuple, list or dict
+    of them (other items are shared by every slice); ``key`` names the setting an uneven batch is refused for."""
+    if parts == 1:
         return batch
 
     def part(t: Any) -> Any:
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
-        if t.shape[0] % k:
-            raise ValueError(f"a worker's batch of {t.shape[0]} rows does not split into comm.inner_size={k} equal parts; "
-                             f"choose a batch size divisible by {k}")
-        n = t.shape[0] // k
-        return t[i * n:(i + 1) * n]
+        if t.shape[0] % parts:
+            raise ValueError(f"a batch of {t.shape[0]} rows does not split into {key}={parts} equal parts; "
+                             f"choose a batch size divisible by {parts}")
+        n = t.shape[0] // parts
+        return t[index * n:(index + 1) * n]
 
     if isinstance(batch, (tuple, list)):
         return type(batch)(part(t) for t in batch)
     if isinstance(batch, dict):
-        return {key: part(t) for key, t in batch.items()}
+        return {name: part(t) for name, t in batch.items()}
     return part(batch)
+
+
+def local_batch(batch: Any, comm: OuterComm) -> Any:
+    """This process's equal slice (along dim 0) of its worker's batch."""
+    return batch_part(batch, comm.layout.inner_size, comm.layout.inner_rank, key="comm.inner_size")
 
 
 def optimizer_kwargs(cfg: Any, comm: Any) -> dict[str, Any]:

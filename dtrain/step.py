@@ -57,26 +57,7 @@ def check(cfg: Any) -> None:
 
 def split(batch: Any, parts: int) -> list[Any]:
     """``batch`` as ``parts`` equal micro-batches along dim 0 (non-tensor items are shared by all)."""
-    if parts == 1:
-        return [batch]
-
-    def piece(t: Any, i: int) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        if t.shape[0] % parts:
-            raise ValueError(f"a batch of {t.shape[0]} rows does not split into grad_accum={parts} equal micro-batches; "
-                             f"choose a batch size divisible by {parts}")
-        n = t.shape[0] // parts
-        return t[i * n:(i + 1) * n]
-
-    def one(i: int) -> Any:
-        if isinstance(batch, (tuple, list)):
-            return type(batch)(piece(t, i) for t in batch)
-        if isinstance(batch, dict):
-            return {k: piece(t, i) for k, t in batch.items()}
-        return piece(batch, i)
-
-    return [one(i) for i in range(parts)]
+    return [hierarchy.batch_part(batch, parts, i, key="grad_accum") for i in range(parts)]
 
 
 class Stepper:
