@@ -1,4 +1,4 @@
-"""What a run writes: metrics.jsonl, summary.json, loss.png, and the rank-0 progress bar."""
+"""What a run writes: metrics.jsonl, summary.json and the rank-0 progress bar (loss.png: dtrain.plots)."""
 
 from __future__ import annotations
 
@@ -101,35 +101,6 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False, default=_clean))
     os.replace(tmp, path)
-
-
-def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """loss against wall time and against bytes sent (rank 0's log); hierarchical runs add the bytes
-    sent inside the worker (fast links) beside the outer bytes (slow links)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    train = [r for r in rows if r.get("loss") is not None]
-    evals = [r for r in rows if r.get("eval") is not None]
-    panels = [("wall_s", "wall time (s)"), ("bytes_sent", "bytes sent by rank 0")]
-    if any("inner_bytes_sent" in r for r in train):
-        panels = [panels[0], ("bytes_sent", "outer bytes sent by rank 0 (slow links)"),
-                  ("inner_bytes_sent", "inner bytes sent by rank 0 (inside the worker)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, label) in zip(axes, panels):
-        ax.plot([r[key] for r in train if key in r], [r["loss"] for r in train if key in r], label="train loss", lw=1)
-        if evals:
-            ax.plot([r[key] for r in evals if key in r], [r["eval"] for r in evals if key in r], "o-", label="validation", ms=3)
-        ax.set_xlabel(label)
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
 
 
 class Progress:
