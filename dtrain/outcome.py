@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dtrain.report import si_bytes
+
 SAMPLE_BYTES = 120
 SAMPLE_TEMPERATURE = 0.5  # greedy decoding of a small model loops on one word ("the the the"); 0.8 is noise
 
@@ -57,15 +59,6 @@ def end_facts(workload: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
             made = sampler(model, length=SAMPLE_BYTES, seed=seed, temperature=SAMPLE_TEMPERATURE)
         sample = made.as_dict() if made is not None else None
     return {"ddp_equivalent_bytes": ddp.pop("bytes_per_worker"), "ddp_equivalent_basis": ddp, "sample": sample}
-
-
-def si_bytes(n: float) -> str:
-    """Bytes in decimal units (1 MB = 10^6 B), as papers and link speeds count them."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def target_phrase(summary: dict[str, Any]) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 UNITS = ("B", "kB", "MB", "GB", "TB")  # decimal, as link speeds and papers count bytes
 
@@ -20,7 +23,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_loss(metrics_path: Path, out_path: Path | None, *, algorithm: str, workload: str, workers: int) -> Any:
+def plot_loss(metrics_path: Path, out_path: Path | None, *, algorithm: str, workload: str, workers: int) -> Figure:
     """Draw rank 0's metrics.jsonl to ``out_path`` (None: draw only); returns the matplotlib Figure."""
     return draw_loss(read_metrics(metrics_path), out_path, algorithm=algorithm, workload=workload, workers=workers)
 
@@ -30,7 +33,7 @@ def title(*, algorithm: str, workload: str, workers: int) -> str:
     return f"{algo} on {workload}, {workers} worker{'s' if workers != 1 else ''}"
 
 
-def draw_loss(rows: list[dict[str, Any]], out_path: Path | None, *, algorithm: str, workload: str, workers: int) -> Any:
+def draw_loss(rows: list[dict[str, Any]], out_path: Path | None, *, algorithm: str, workload: str, workers: int) -> Figure:
     """Panels: loss vs step, vs wall time, and vs bytes sent on a log axis (only when bytes were sent:
     a 1-worker run has nothing to show there); hierarchical runs add the bytes sent inside a worker."""
     from matplotlib.figure import Figure

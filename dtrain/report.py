@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
 def stderr_line(text: str) -> None:
     """One line to stderr in a single write, so lines of processes sharing a terminal never merge."""
     sys.stderr.write(text + "\n")
@@ -116,16 +117,18 @@ class Progress:
     def update(self, n: int, *, loss: float, tokens_per_s: float, bytes_sent: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", sent=_human(bytes_sent), refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", sent=si_bytes(bytes_sent), refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}TB"
+def si_bytes(n: float) -> str:
+    """Bytes in decimal units (1 MB = 10^6 B), as papers and link speeds count them; the progress bar
+    and the done lines (dtrain.outcome) both print these."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

@@ -9,7 +9,8 @@ from torch import nn
 
 from dtrain import config
 from dtrain.cli import main
-from dtrain.outcome import ddp_equivalent, done_lines, end_facts, si_bytes
+from dtrain.outcome import ddp_equivalent, done_lines, end_facts
+from dtrain.report import si_bytes
 from dtrain.plots import draw_loss
 from dtrain.workloads.char_lm import CharLM, Config, generate
 
@@ -69,13 +70,27 @@ def test_done_lines_say_how_far_from_the_target_and_what_ddp_would_have_sent():
     assert done_lines(s, out_dir="r", plot=False)[2] == 'sample (seed 0, temperature 0.8): "Return the " -> "value\\n\\x1b"'
 
 
-def test_end_facts_sample_only_where_the_workload_generates(lm):
+def test_end_facts_sample_only_where_the_workload_generates(lm, monkeypatch):
     import toy_workload
 
+    from dtrain import outcome
+
+    class Modal:  # an optimizer with train()/eval() modes (Schedule-Free): sampled at its eval point
+        calls = []
+
+        def eval(self):
+            self.calls.append("eval")
+
+        def train(self):
+            self.calls.append("train")
+
+    monkeypatch.setattr(outcome, "SAMPLE_BYTES", 20)  # the run's 120 bytes cost seconds on a busy CI core
     model = lm.build_model()
-    facts = end_facts(lm, model, torch.optim.SGD(model.parameters(), lr=0.1), workers=2, steps=10, seed=0, can_sample=True)
-    assert facts["sample"]["length"] == 120 and facts["ddp_equivalent_bytes"] == ddp_equivalent(model, workers=2, steps=10)["bytes_per_worker"]
-    assert end_facts(lm, model, torch.optim.SGD(model.parameters(), lr=0.1), workers=2, steps=10, seed=0, can_sample=False)["sample"] is None
+    facts = end_facts(lm, model, Modal(), workers=2, steps=10, seed=0, can_sample=True)
+    assert facts["sample"]["length"] == 20 and facts["sample"]["temperature"] == outcome.SAMPLE_TEMPERATURE
+    assert facts["ddp_equivalent_bytes"] == ddp_equivalent(model, workers=2, steps=10)["bytes_per_worker"]
+    assert Modal.calls == ["eval", "train"]
+    assert end_facts(lm, model, None, workers=2, steps=10, seed=0, can_sample=False)["sample"] is None  # sharded worker
     toy = toy_workload.Toy(toy_workload.Config(), seed=0)
     assert end_facts(toy, nn.Linear(6, 1), None, workers=2, steps=1, seed=0, can_sample=True)["sample"] is None
 
