@@ -136,3 +136,8 @@ def test_loss_plot_panels_for_a_multi_worker_and_a_one_worker_run(tmp_path):
     solo = draw_loss(_rows(sent_per_step=0), None, algorithm="diloco", workload="char_lm", workers=1)
     assert solo.get_suptitle() == "DiLoCo on char_lm, 1 worker"
     assert [ax.get_title() for ax in solo.axes] == ["loss vs step", "loss vs wall time"]  # no empty bytes panel
+
+    # a metric that is not a loss (accuracy, error) gets its own y axis, named for it
+    acc = [r | {"metric": "val_accuracy"} if "eval" in r else r for r in _rows(sent_per_step=1000)]
+    fig = draw_loss(acc, None, algorithm="ddp", workload="seq_rnn", workers=2)
+    assert {ax.get_ylabel() for ax in fig.axes} == {"loss", "val accuracy"}
