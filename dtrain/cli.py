@@ -107,13 +107,9 @@ def run_and_report(cfg: Any, train: Callable[[], dict[str, Any] | None]) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted; continue with resume=true", 130)
     if summary is not None:
-        ev = summary["eval"]
-        print(
-            f"done: {' + '.join(summary['algorithms'])} on {summary['workload']}, {summary['world_size']} workers, "
-            f"{summary['steps']} steps in {summary['wall_s']:.1f}s; {ev['metric']}={ev['value']:.4f} "
-            f"(target {ev['target']}, reached={summary['reached_target']}); "
-            f"bytes sent/worker (max) {summary['comm']['max'].get('bytes_sent', 0):,}; summary: {cfg.out_dir}/summary.json"
-        )
+        from dtrain.outcome import done_lines
+
+        print("\n".join(done_lines(summary, out_dir=cfg.out_dir, plot=cfg.plot)), flush=True)
     return 0
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What a run writes: metrics.jsonl, summary.json, loss.png, and the rank-0 progress bar."""
+"""What a run writes: metrics.jsonl, summary.json and the rank-0 progress bar (loss.png: dtrain.plots)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import resource
 import sys
 from pathlib import Path
 from typing import Any
+
 
 def stderr_line(text: str) -> None:
     """One line to stderr in a single write, so lines of processes sharing a terminal never merge."""
@@ -103,35 +104,6 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """loss against wall time and against bytes sent (rank 0's log); hierarchical runs add the bytes
-    sent inside the worker (fast links) beside the outer bytes (slow links)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    train = [r for r in rows if r.get("loss") is not None]
-    evals = [r for r in rows if r.get("eval") is not None]
-    panels = [("wall_s", "wall time (s)"), ("bytes_sent", "bytes sent by rank 0")]
-    if any("inner_bytes_sent" in r for r in train):
-        panels = [panels[0], ("bytes_sent", "outer bytes sent by rank 0 (slow links)"),
-                  ("inner_bytes_sent", "inner bytes sent by rank 0 (inside the worker)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (key, label) in zip(axes, panels):
-        ax.plot([r[key] for r in train if key in r], [r["loss"] for r in train if key in r], label="train loss", lw=1)
-        if evals:
-            ax.plot([r[key] for r in evals if key in r], [r["eval"] for r in evals if key in r], "o-", label="validation", ms=3)
-        ax.set_xlabel(label)
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-
-
 class Progress:
     """A tqdm bar on rank 0 showing loss, tokens/s and bytes sent; silent elsewhere."""
 
@@ -145,16 +117,18 @@ class Progress:
     def update(self, n: int, *, loss: float, tokens_per_s: float, bytes_sent: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", sent=_human(bytes_sent), refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", sent=si_bytes(bytes_sent), refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}TB"
+def si_bytes(n: float) -> str:
+    """Bytes in decimal units (1 MB = 10^6 B), as papers and link speeds count them; the progress bar
+    and the done lines (dtrain.outcome) both print these."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

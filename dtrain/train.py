@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dtrain import checkpoint, hierarchy, run_dir
+from dtrain import checkpoint, hierarchy, outcome, run_dir
 from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
 from dtrain.comm.base import Comm, CommError, CommStats
 from dtrain.config import section_module
 from dtrain.optim import build_optimizer, build_scheduler
-from dtrain.report import MetricsLog, Progress, RunNotes, stderr_line, aggregate_comm, finite_or_none, peak_mem_bytes, plot_loss, write_json
+from dtrain.plots import plot_loss
+from dtrain.report import MetricsLog, Progress, RunNotes, stderr_line, aggregate_comm, finite_or_none, peak_mem_bytes, write_json
 from dtrain.guards import NonfiniteGuard, TrainingError, refuse_nonfinite_weights, skipped_updates, warn_noops
 from dtrain.run_start import checkpoint_path, one_line, open_run
 from dtrain.run_state import RunState
@@ -163,6 +164,7 @@ class Worker:
         self.ident = run_dir.identity(cfg, self.world)
         self.state = RunState()
         self.start: int | None = None
+        self.done = 0  # optimizer steps trained by the end, resumed ones included
         self.guard = NonfiniteGuard(cfg.max_nonfinite, self.rank)
         self.last_loss, self.recent, self.eval_result = float("nan"), [], None
 
@@ -182,6 +184,7 @@ class Worker:
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
             if self.start is None:
                 run_dir.write_run_record(self.out, self.ident)
+        self.done = self.start or 0
         self.comm_before = self.state.comm.copy()
         self.window = self.comm.stats.copy()  # counters cover training only (setup collectives excluded)
         self.inner_window = self.inner_stats()
@@ -212,7 +215,7 @@ class Worker:
             t0 = time.perf_counter()
             batch = hierarchy.run_batch(p.workload.train_batch(step, self.rank, self.world), self.comm)
             self.train_step(step, batch)
-            done = step + 1
+            done = self.done = step + 1
             bar.update(1, loss=self.last_loss, tokens_per_s=_items(batch) / max(time.perf_counter() - t0, 1e-9),
                        bytes_sent=self.comm_now().bytes_sent)
             self.log_row(done)
@@ -315,22 +318,20 @@ class Worker:
             return None
         summary = _summary(cfg, p.workload, self.world, records)
         summary.update(hierarchy.summary_fields(self.comm, records))
+        # a sharded worker's model runs only with all its processes, which have left by now
+        summary.update(outcome.end_facts(p.workload, p.model, p.optimizer, workers=self.world, steps=self.done,
+                                         seed=cfg.seed, can_sample=not hierarchy.enabled(cfg)))
         write_json(self.out / "summary.json", summary)
         if cfg.plot:
-            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", algorithm=" + ".join(summary["algorithms"]),
+                      workload=summary["workload"], workers=self.world)
         return summary
 
 
 def _evaluate(workload: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Evaluate; optimizers with train()/eval() modes (Schedule-Free) are measured at their eval point."""
-    modal = callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
-    if modal:
-        optimizer.eval()
-    try:
+    with outcome.eval_point(optimizer):
         return workload.evaluate(model)
-    finally:
-        if modal:
-            optimizer.train()
 
 
 def _items(batch: Any) -> int:

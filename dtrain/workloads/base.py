@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,21 @@ from torch import nn
 
 from dtrain.seeding import generator, stream_seed  # re-exported: workloads and tests import them from here
 
-__all__ = ["Workload", "generator", "stream_seed"]
+__all__ = ["Sample", "Workload", "generator", "stream_seed"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Text a trained model wrote after ``prompt`` (a snippet of the validation text)."""
+
+    prompt: str
+    continuation: str
+    length: int  # tokens generated (bytes, for a byte-level model)
+    seed: int
+    temperature: float  # 0 = greedy
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Workload(ABC):
@@ -53,6 +68,11 @@ class Workload(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Validation results; must contain ``self.metric`` (and ``val_loss`` where it makes sense)."""
+
+    def sample(self, model: nn.Module, *, length: int = 120, seed: int = 0, temperature: float = 0.8) -> Sample | None:
+        """What ``model`` generates from a prompt taken from the validation data, deterministic in
+        ``seed``; None for workloads whose models do not generate (the default: most only score)."""
+        return None
 
     def note(self, message: str) -> None:
         """Record a warning for whoever runs this workload (`dtrain train` prints it and lists it in

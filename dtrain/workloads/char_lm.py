@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.workloads.base import Workload, generator
+from dtrain.workloads.base import Sample, Workload, generator
 from dtrain.workloads.corpus import default_corpus
 
 VOCAB = 256  # bytes: any user text works without a tokenizer
+PROMPT_BYTES = 24  # a sample's prompt: the first words (at most this many bytes) of a validation paragraph
 
 
 @dataclass
@@ -102,6 +103,24 @@ def init_weights(model: nn.Module, gen: torch.Generator) -> None:
                 p.zero_()
 
 
+@torch.no_grad()
+def generate(model: nn.Module, prompt: torch.Tensor, *, length: int, context: int, gen: torch.Generator,
+             temperature: float) -> torch.Tensor:
+    """``length`` bytes that ``model`` writes after ``prompt`` (1-D byte ids), one at a time, seeing
+    at most ``context`` bytes (its position table's size); greedy when ``temperature`` is 0."""
+    device = next(model.parameters()).device
+    ids = prompt.long().to(device)[None]
+    for _ in range(length):
+        # drawn on the CPU from a CPU generator: the same bytes on any device for one seed
+        logits = model(ids[:, -context:])[0, -1].float().cpu()
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)
+        else:
+            nxt = logits.argmax().reshape(1)
+        ids = torch.cat([ids, nxt.to(device)[None]], dim=1)
+    return ids[0, prompt.numel():].cpu()
+
+
 def split_text(text: str, val_fraction: float) -> tuple[bytes, bytes]:
     """Paragraphs go to validation by a hash of their content: deterministic, and duplicates never leak."""
     train, val = [], []
@@ -169,6 +188,28 @@ class CharLM(Workload):
             total += float(self.loss(model, self._windows(self.val_data, self.cfg.eval_batch_size, gen)))
         model.train(was_training)
         return {"val_loss": total / self.cfg.eval_batches}
+
+    def prompt(self, seed: int) -> bytes:
+        """The first words of a validation paragraph picked by ``seed``: text the model never trained on."""
+        v = self.val_data
+        starts = (((v[:-2] == 10) & (v[1:-1] == 10)).nonzero().flatten() + 2).tolist() or [0]
+        at = starts[int(torch.randint(len(starts), (1,), generator=generator(seed, "sample-prompt")))]
+        head = bytes(v[at:at + PROMPT_BYTES].tolist()).split(b"\n")[0]
+        cut = head.rfind(b" ", 1)  # end on a word boundary when the paragraph's first line allows it
+        return (head[:cut + 1] if cut > 0 and len(head) == PROMPT_BYTES else head) or b"\n"
+
+    def sample(self, model: nn.Module, *, length: int = 120, seed: int = 0, temperature: float = 0.8) -> Sample:
+        was_training = model.training
+        model.eval()
+        try:
+            prompt = self.prompt(seed)
+            out = generate(model, torch.tensor(list(prompt)), length=length, context=self.cfg.seq_len,
+                           gen=generator(seed, "sample"), temperature=temperature)
+        finally:
+            model.train(was_training)
+        decode = lambda b: b.decode("utf-8", errors="replace")  # noqa: E731 - an undertrained model writes any byte
+        return Sample(prompt=decode(prompt), continuation=decode(bytes(out.tolist())), length=int(out.numel()),
+                      seed=seed, temperature=temperature)
 
 
 def build(cfg: Config, *, seed: int) -> CharLM:
