@@ -358,11 +358,11 @@ def main() -> int:
             wan, payload["wan_setup"] = run_wan(args, Path(tmp))
         if wan:
             text.append(wan_table(wan, payload["wan_setup"]))
+            payload["wan"] = wan
         if args.part in ("memory", "all"):
             payload["memory"], payload["memory_setup"] = run_memory(args)
         if payload.get("memory"):
             text.append(memory_table(payload["memory"], payload["memory_setup"]))
-            payload["wan"] = wan
     summary, payload["goals"] = goals(payload.get("local_mean", []), wan)
     text.append(summary)
     if wan:
