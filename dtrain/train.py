@@ -137,7 +137,7 @@ class Parts:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "algorithm": self.algorithm.state_dict(),
                 "lisa": self.lisa.state_dict() if self.lisa is not None else {},
-                **({"stepper": self.stepper.state_dict()} if self.stepper.state_dict() else {})}  # fp16's loss scale
+                **({"stepper": stepper} if (stepper := self.stepper.state_dict()) else {})}  # fp16's loss scale
 
     def load_state_dicts(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
