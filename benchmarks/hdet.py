@@ -43,7 +43,7 @@ from dtrain.workloads.char_lm import build
 GRID = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2]
 MAX_EXTRA_POINTS = 1
 STARTS = (("10x high", 10.0), ("10x low", 0.1), ("best lr", 1.0))
-PARTS = ("diloco", "noloco", "controller", "alternatives", "extras", "ddp")
+PARTS = ("diloco", "noloco", "controller", "alternatives", "noloco_forms", "extras", "ddp")
 FORMS = {"odd": dict(grid="odd", rounds=1), "odd, 2 rounds": dict(grid="odd", rounds=2),
          "even": dict(grid="even", rounds=1)}
 
@@ -138,6 +138,7 @@ def main() -> None:
             group(f"HDET controller over DiLoCo, from {start}", "diloco", start, factor, "hdet",
                   hdet=controller_settings(steps, outer="diloco"))
         if "noloco" in best:
+            part["now"] = "noloco_forms"
             for form in ("even", "odd, 2 rounds"):
                 select_rows("noloco", form)
         if sweep("ddp"):

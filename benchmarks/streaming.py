@@ -61,6 +61,9 @@ def rows_for(h: int, quick: bool) -> list[tuple[str, str, str, list[str], bool]]
         ("diloco", f"streaming P1 tau{tau}", s, streaming(1, tau), False),
         ("diloco", "streaming P4 tau0", s, streaming(4, 0), True),
         ("diloco", f"streaming P4 tau{tau}", s, streaming(4, tau), True),
+        # tau = H/2: the overlap window in seconds (tau x step time) must outlast a fragment's reduction,
+        # which over a WAN is bound by the ring's 2(N-1) one-way latencies, not by the fragment's size
+        ("diloco", f"streaming P4 tau{h // 2}", s, streaming(4, h // 2), False),
         ("diloco", "diloco topk3%+EF", "configs/diloco.yaml", TOPK, True),
         ("diloco", "diloco int4", "configs/diloco.yaml", INT4, True),
         # SparseLoCo's way: error feedback in place of outer momentum, outer lr 1 (a variant, not a goal row)
@@ -145,7 +148,9 @@ def run_wan(args: argparse.Namespace, tmp: Path) -> tuple[list[dict[str, Any]], 
               "plot=false", "threads=1"]
     runs = [("diloco", "configs/diloco.yaml", []),
             ("streaming P4 tau5", "configs/streaming_diloco.yaml", ["algo.fragments=4", "algo.overlap_steps=5", "algo.mix_alpha=0.5"]),
-            ("streaming P4 tau1", "configs/streaming_diloco.yaml", ["algo.fragments=4", "algo.overlap_steps=1", "algo.mix_alpha=0.5"])]
+            ("streaming P4 tau1", "configs/streaming_diloco.yaml", ["algo.fragments=4", "algo.overlap_steps=1", "algo.mix_alpha=0.5"]),
+            (f"streaming P4 tau{h // 2}", "configs/streaming_diloco.yaml",
+             ["algo.fragments=4", f"algo.overlap_steps={h // 2}", "algo.mix_alpha=0.5"])]
     runs = [r for r in runs if not args.wan_only or r[0] in args.wan_only]
     wan = [sys.executable, str(REPO / "launchers" / "wan.py"), "--workers", str(args.workers), "--rate", args.rate,
            "--delay-ms", str(args.delay_ms)]

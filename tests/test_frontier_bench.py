@@ -39,11 +39,15 @@ def test_frontier_quick(tmp_path):
     assert all(r["runs"][0]["curve"] for r in payload["rows"])  # every run left its loss curve
 
 
-@pytest.mark.timeout(400)
-def test_ddp_speed_and_batch_curve_quick(tmp_path):
+@pytest.mark.timeout(300)
+def test_ddp_speed_quick(tmp_path):
     _bench("ddp_speed.py", "--out", str(tmp_path / "ddp.json"), timeout=240)
     rows = json.loads((tmp_path / "ddp.json").read_text())["rows"]
     assert rows[0]["skipped_steps"] == 0 and rows[0]["ratio"] > 0
+
+
+@pytest.mark.timeout(200)
+def test_batch_curve_quick(tmp_path):
     _bench("batch_curve.py", "--out", str(tmp_path / "batch.json"), timeout=150)
     rows = json.loads((tmp_path / "batch.json").read_text())["rows"]
     assert [r["batch"] for r in rows] == [4, 16] and rows[0]["gain_4x"] is not None
@@ -56,3 +60,14 @@ def test_torchft_diloco_quick(tmp_path):
     row = json.loads((tmp_path / "tft.json").read_text())["row"]
     assert row["outer_steps"] == 4  # 20 steps at H=5: torchft's manager committed every outer step
     assert row["val_loss"] < 5.0  # it trained (the untrained loss is ln 256 = 5.55)
+
+
+@pytest.mark.timeout(200)
+def test_noloco_gap_quick_pairs_of_two_are_diloco_with_sgd(tmp_path):
+    _bench("noloco_gap.py", "--out", str(tmp_path / "gap.json"), timeout=190)
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "gap.json").read_text())["rows"]}
+    # 2 workers: NoLoCo's pair is everyone, so its step is DiLoCo's with outer SGD (no Nesterov) and the
+    # same lr and momentum; it sends phi and delta (2 copies) where the all-reduce sends 2(N-1)/N = 1
+    assert abs(rows["NoLoCo"]["val_loss"] - rows["DiLoCo SGD"]["val_loss"]) < 1e-5
+    assert abs(rows["NoLoCo"]["val_loss"] - rows["DiLoCo"]["val_loss"]) > 1e-3  # Nesterov 0.9 is another run
+    assert rows["NoLoCo"]["bytes_sent_per_worker"] == 2 * rows["DiLoCo SGD"]["bytes_sent_per_worker"]
