@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA checks that this project's CPU-only machines cannot run (UNVERIFIED until run on a GPU).
-#   bash benchmarks/gpu_check.sh [OUT_JSON]     (GPU_CHECK_TIMEOUT_S bounds the whole script, default 540)
+#   bash benchmarks/gpu_check.sh [OUT_JSON]     (GPU_CHECK_TIMEOUT_S bounds the whole script, default 540;
+#                                               GPU_CHECK_DEVICE_ONLY=1 stops after the device checks)
 # Issue 17 item 3 (device=cuda) first, as pass/fail lines; then issue 16 (outer_device=cpu memory) and 18 (FSDP2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,7 @@ timeout 150 $PY -m dtrain.cli train configs/diloco.yaml "${TINY[@]}" comm.name=l
   algo.sync_every=5 steps=10 out_dir=$OUT/local > "$OUT/last.log" 2>&1
 check "diloco comm=local x2 threads on cuda:0" $OUT/local/summary.json cuda:0 None
 [ "$FAILED" = 0 ] && echo "gpu_check: device checks passed" || echo "gpu_check: device checks FAILED"
+[ -n "${GPU_CHECK_DEVICE_ONLY:-}" ] && exit $FAILED  # the device checks alone (about 3 minutes on one GPU)
 
 # issue 16: outer_device=cpu keeps DiLoCo's/NoLoCo's/Streaming's phi, Delta and outer momentum in pinned host memory,
 # so the accelerator's peak allocation over an outer step must fall by about that state's size.
