@@ -122,3 +122,36 @@ def test_train_help_lists_the_device_key(capsys):
 
     assert main(["train", "--help"]) == 0
     assert "device=auto" in capsys.readouterr().out
+
+
+def test_nccl_with_more_processes_than_gpus_is_one_line(monkeypatch):
+    from dtrain.device import check_sharing
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_sharing("gloo", torch.device("cuda", 0))  # gloo shares one GPU between processes
+    with pytest.raises(ValueError) as e:
+        check_sharing("nccl", torch.device("cuda", 0))
+    assert "\n" not in str(e.value) and "launch --nproc-per-node 1, or set comm.backend=gloo" in str(e.value)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve("cuda") == torch.device("cuda", 0)  # round-robin over the GPUs there are
+
+
+def test_hierarchical_cuda_over_gloo_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the config check runs: no GPU is touched
+    msg = _one_line(["device=cuda", "comm.backend=gloo", "comm.inner_size=2", "parallel.inner=ddp"])
+    assert msg.startswith("parallel.inner=ddp with device=cuda needs comm.backend=nccl or auto")
+
+
+def test_the_model_is_moved_before_the_optimizer_and_algorithms_are_built():
+    # the 'meta' device stands in for a GPU: nothing is computed, only where each tensor is made
+    from dtrain.comm.local import LocalGroup
+    from dtrain.train import Parts
+
+    cfg = load(None, [*SMALL, "steps=6", "algo.name=diloco", "comm.workers=1"])
+    parts = Parts.build(cfg, LocalGroup(1).comm(0), device=torch.device("meta"))
+    params = list(parts.model.parameters())
+    assert params and all(p.device.type == "meta" for p in params)
+    assert {id(p) for g in parts.optimizer.param_groups for p in g["params"]} == {id(p) for p in params}  # the moved ones
+    assert all(phi.device.type == "meta" for phi in parts.algorithm.outer_params)  # outer_device=same follows them
