@@ -129,6 +129,7 @@ class RunConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; workload.batch_size is split into this many
     compile: bool = False  # torch.compile the model's forward
     tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events in OUT/tensorboard/
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda: where the model and batches live (dtrain.device)
 
 
 DEFAULTS = {"workload": "char_lm", "algo": "diloco", "comm": "torch"}
@@ -241,9 +242,10 @@ def validate(cfg: DictConfig) -> None:
             preset_of(o)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    from dtrain import step, tensorboard_log  # precision, grad_accum, compile; tensorboard
+    from dtrain import device, step, tensorboard_log  # device; precision, grad_accum, compile; tensorboard
 
     try:
+        device.check(cfg)
         step.check(cfg)
         tensorboard_log.check(cfg.tensorboard)
     except ValueError as e:

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from dtrain.comm.flat import local
+from dtrain.device import kind
 from dtrain.report import RunNotes
 from dtrain.run_start import elastic
 
@@ -64,9 +65,9 @@ def warn_noops(cfg: DictConfig, world: int, workload: Any, notes: RunNotes) -> N
         if every and every > cfg.steps:
             notes.warn(f"algo.{key}={every} > steps={cfg.steps}: no worker ever communicates, so this run is "
                        f"{world} independent local trainings; lower algo.{key} or raise steps")
-    if cfg.algo.get("outer_device") == "cpu" and not torch.cuda.is_available():
-        notes.warn("algo.outer_device=cpu on a machine without CUDA: the parameters are in host memory already, "
-                   "so the outer state stays where it was; drop algo.outer_device here")
+    if cfg.algo.get("outer_device") == "cpu" and kind(cfg.get("device", "auto")) != "cuda":
+        notes.warn("algo.outer_device=cpu while the model is on the CPU (device=cpu, or no CUDA): the parameters are in "
+                   "host memory already, so the outer state stays where it was; drop algo.outer_device here")
     if world == 1 and cfg.algo.name in MULTI_WORKER and not elastic(cfg):
         notes.warn(f"algo.name={cfg.algo.name} with 1 worker does what plain local training does; "
                    "launch several workers (torchrun --nproc-per-node N, or comm.name=local comm.workers=N)")

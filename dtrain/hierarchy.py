@@ -167,8 +167,12 @@ class OuterComm(TorchComm):
 
 def connect(cfg: Any) -> OuterComm:
     """The outer comm of a run whose ``parallel.inner`` is not none (called by `dtrain train`)."""
+    from dtrain.device import comm_backend, kind
+
     c = cfg.comm
-    return OuterComm(inner_size=int(c.inner_size), backend=None if c.backend == "auto" else c.backend, timeout_s=c.timeout_s)
+    # comm.backend=auto follows the run's device (nccl for cuda, gloo for cpu): the mesh's device is the backend's
+    backend = comm_backend(c.backend, torch.device(kind(cfg.get("device", "auto"))))
+    return OuterComm(inner_size=int(c.inner_size), backend=backend, timeout_s=c.timeout_s)
 
 
 # -- wrapping the model ------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 # long it waits, and how long it runs (``steps`` may change on resume, to extend a run).
 _NOT_TRAJECTORY = ("out_dir", "resume", "if_exists", "progress", "plot", "threads", "log_every", "ckpt_every", "comm",
                    "steps", "eval_every", "max_nonfinite", "stop_at_target",
-                   "grad_accum", "compile", "tensorboard")  # the same trajectory at any grad_accum (the batch is split), compiled or not
+                   "grad_accum", "compile", "tensorboard",  # the same trajectory at any grad_accum (the batch is split), compiled or not
+                   "device")  # a run checkpointed on a GPU may continue on a CPU and back (dtrain.device)
 RUN_FILES = ("run.json", "config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoints", "tensorboard")
 
 

@@ -23,6 +23,7 @@ from dtrain import checkpoint, hierarchy, outcome, run_dir
 from dtrain.algorithms.base import AttachContext, Attached, OptimizerHook
 from dtrain.comm.base import Comm, CommError, CommStats
 from dtrain.config import section_module
+from dtrain.device import check_sharing, comm_backend, resolve, to_device
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.plots import plot_loss
 from dtrain.report import MetricsLog, Progress, RunNotes, stderr_line, aggregate_comm, finite_or_none, peak_mem_bytes, write_json
@@ -44,23 +45,36 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
         n = cfg.comm.workers
         _set_threads(cfg, workers_here=n)
-        results = run_local(n, lambda comm: train_worker(cfg, comm), timeout=cfg.comm.timeout_s)
+        device = resolve(cfg.device, local=True)  # threads of one process: all on cuda:0 (dtrain.device)
+        results = run_local(n, lambda comm: train_worker(cfg, comm, device=device), timeout=cfg.comm.timeout_s)
         return results[0]
     _set_threads(cfg, workers_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    # hierarchy hook: a worker of comm.inner_size processes gets the outer comm (dtrain.hierarchy)
-    comm = hierarchy.connect(cfg) if hierarchy.enabled(cfg) else section_module("comm", cfg.comm.name).connect(cfg.comm)
+    device = resolve(cfg.device)
+    comm = _connect(cfg, device)
     try:
-        return run_worker(cfg, comm)
+        return run_worker(cfg, comm, device=device)
     finally:
         comm.close()
 
 
-def run_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
+def _connect(cfg: DictConfig, device: torch.device) -> Comm:
+    """This process's comm, once the process is pinned to its GPU (nccl and the device mesh use the current one)."""
+    if device.type == "cuda":
+        if cfg.comm.name == "torch":
+            check_sharing(comm_backend(cfg.comm.backend, device), device)
+        torch.cuda.set_device(device)
+    if hierarchy.enabled(cfg):  # hierarchy hook: a worker of comm.inner_size processes gets the outer comm
+        return hierarchy.connect(cfg)
+    module = section_module("comm", cfg.comm.name)  # torch's backend=auto follows the device (dtrain.device)
+    return module.connect(cfg.comm, device=device) if cfg.comm.name == "torch" else module.connect(cfg.comm)
+
+
+def run_worker(cfg: DictConfig, comm: Comm, *, device: torch.device | None = None) -> dict[str, Any] | None:
     """`train_worker` as one process of a multi-process job: a failing peer stops this process
     within seconds with the peer's reason, and a failure here is told to the peers."""
     comm.watch_failures(_stop_this_process)
     try:
-        return train_worker(cfg, comm)
+        return train_worker(cfg, comm, device=device)
     except BaseException as e:
         reason = one_line(e)
         comm.report_failure(reason)  # first: from here on a peer's reason is not printed as ours
@@ -81,11 +95,11 @@ def _set_threads(cfg: DictConfig, *, workers_here: int) -> None:
     torch.set_num_threads(threads)
 
 
-def train_worker(cfg: DictConfig, comm: Comm) -> dict[str, Any] | None:
-    """One worker's whole run on ``comm``; the summary on rank 0, None elsewhere."""
+def train_worker(cfg: DictConfig, comm: Comm, *, device: torch.device | None = None) -> dict[str, Any] | None:
+    """One worker's whole run on ``comm`` and ``device`` (None: cfg.device); the summary on rank 0, None elsewhere."""
     lock = run_dir.RunDirLock(cfg.out_dir, hierarchy.process_rank(comm))  # before anything is written to out_dir
     try:
-        return Worker(cfg, comm).train()
+        return Worker(cfg, comm, device=device).train()
     finally:
         lock.release()
 
@@ -103,9 +117,12 @@ class Parts:
     stepper: Stepper  # one optimizer step: micro-batches, precision, compile (dtrain.step)
 
     @classmethod
-    def build(cls, cfg: DictConfig, comm: Comm) -> Parts:
+    def build(cls, cfg: DictConfig, comm: Comm, *, device: torch.device | None = None) -> Parts:
         workload = section_module("workload", cfg.workload.name).build(cfg.workload, seed=cfg.seed)
-        model = hierarchy.wrap_for_run(workload.build_model(), comm, cfg)  # hierarchy hook: FSDP2/DDP inside a worker
+        model = workload.build_model()
+        if device is not None and device.type != "cpu":  # the CPU path stays the very same model as before
+            model = model.to(device)  # before the optimizer and algorithms: their state is made beside the parameters
+        model = hierarchy.wrap_for_run(model, comm, cfg)  # hierarchy hook: FSDP2/DDP inside a worker
         algo = section_module("algo", cfg.algo.name)
         own = getattr(algo, "make_optimizer", None)  # an algorithm that is the optimizer (SPSA) builds itself
         optimizer = (own(cfg.algo, model, comm, lr=cfg.optim.lr, seed=cfg.seed) if own is not None
@@ -152,14 +169,15 @@ class Parts:
 class Worker:
     """One worker's run of the loop."""
 
-    def __init__(self, cfg: DictConfig, comm: Comm) -> None:
+    def __init__(self, cfg: DictConfig, comm: Comm, *, device: torch.device | None = None) -> None:
         self.cfg, self.comm = cfg, comm
+        self.device = device if device is not None else resolve(cfg.device)
         self.rank, self.world = comm.rank, comm.world_size  # hierarchical: the worker's index and the number of workers
         self.lead = hierarchy.is_lead(comm)  # writes the run's files (rank 0; hierarchical: worker 0's process 0)
         self.store = hierarchy.checkpoint_store(comm)  # dtrain.checkpoint, or DCP per worker (hierarchy hook)
         self.out = Path(cfg.out_dir)
         self.notes = RunNotes(self.rank)
-        self.parts = Parts.build(cfg, comm)
+        self.parts = Parts.build(cfg, comm, device=self.device)
         warn_noops(cfg, self.world, self.parts.workload, self.notes)
         self.ident = run_dir.identity(cfg, self.world)
         self.state = RunState()
@@ -214,6 +232,8 @@ class Worker:
         for step in range(self.start or 0, cfg.steps):
             t0 = time.perf_counter()
             batch = hierarchy.run_batch(p.workload.train_batch(step, self.rank, self.world), self.comm)
+            if self.device.type != "cpu":  # sliced first (hierarchy), so only this process's part is copied
+                batch = to_device(batch, self.device)
             self.train_step(step, batch)
             done = self.done = step + 1
             bar.update(1, loss=self.last_loss, tokens_per_s=_items(batch) / max(time.perf_counter() - t0, 1e-9),
@@ -300,7 +320,7 @@ class Worker:
         self.state.wall_s = time.perf_counter() - self.wall0
         s = self.state
         record = {
-            "rank": self.rank, "steps": cfg.steps, "final_loss": finite_or_none(self.last_loss),
+            "rank": self.rank, "device": str(self.device), "steps": cfg.steps, "final_loss": finite_or_none(self.last_loss),
             "eval": {k: finite_or_none(v) for k, v in self.eval_result.items()}, "train_time_s": s.train_time_s,
             "wall_s": s.wall_s, "time_to_target_s": s.time_to_target_s, "nonfinite_steps": s.nonfinite_steps,
             "initial_eval": finite_or_none(s.initial_eval), "resumed_from": self.start,
@@ -366,7 +386,7 @@ def _summary(cfg: DictConfig, workload: Any, world: int, records: list[dict[str,
     final = me["eval"].get(workload.metric)
     return {
         "algorithm": cfg.algo.name, "algorithms": (["lisa"] if cfg.lisa is not None else []) + [cfg.algo.name],
-        "workload": workload.name, "optimizer": cfg.optim.name, "world_size": world,
+        "workload": workload.name, "optimizer": cfg.optim.name, "world_size": world, "device": me.get("device"),
         "workers_reporting": len(records), "steps": cfg.steps, "resumed_from": me.get("resumed_from"), "wall_s": me["wall_s"], "train_time_s": me["train_time_s"],
         "final_loss": me["final_loss"],
         "eval": {"metric": workload.metric, "value": final, "initial": me.get("initial_eval"),

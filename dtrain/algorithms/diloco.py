@@ -225,7 +225,7 @@ class DiLoCo(Algorithm):
                     if self.held[i]:
                         self._drop(i)
                 elif phi.shape != saved.shape:  # released here, held in the checkpoint
-                    phi.data = saved.clone()
+                    phi.data = saved.to(phi.device, copy=True)  # a checkpoint is loaded on the CPU
                     phi.grad = torch.zeros_like(phi)
                     self.held[i] = True
                 else:

@@ -43,6 +43,7 @@ class IterateMean:
         if self.count == 0:
             self._mean = [p.detach().clone() for p in params]
         else:
+            self._follow(params)
             # local shards of DTensor parameters (dtrain.hierarchy); plain tensors as they are
             torch._foreach_lerp_(locals_(self._mean), locals_([p.detach() for p in params]), 1.0 / (self.count + 1))
         self.count += 1
@@ -63,7 +64,12 @@ class IterateMean:
                 self._swap(params)
         return value if math.isfinite(value) else None
 
+    def _follow(self, params: list[torch.Tensor]) -> None:
+        """A mean loaded from a checkpoint sits on the CPU: move it to the parameters' device."""
+        self._mean = [m if m.device == p.device else m.to(p.device) for m, p in zip(self._mean, params)]
+
     def _swap(self, params: list[torch.Tensor]) -> None:
+        self._follow(params)
         # Exchange storages rather than copy: no second copy of the model, and exact on the way back.
         # A sharded (DTensor) parameter keeps its storage (FSDP2 gathers from it): its shard is swapped by copies.
         for p, m in zip(params, self._mean):

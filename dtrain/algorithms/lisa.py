@@ -226,8 +226,11 @@ class LISA(Algorithm):
         saved = self._offloaded.pop(i, None)
         devices = self._devices.pop(i, {})
         if saved is not None:
+            # State that lived beside the parameter goes back beside it (wherever the parameter is now: a
+            # checkpoint may move a run between devices); state kept on the CPU (Adam's step) stays there.
             self.optimizer.state[p] = {
-                k: v.to(devices.get(k, str(p.device))) if isinstance(v, torch.Tensor) else v for k, v in saved.items()
+                k: v.to("cpu" if devices.get(k) == "cpu" else p.device) if isinstance(v, torch.Tensor) else v
+                for k, v in saved.items()
             }
 
     def step_done(self) -> None:

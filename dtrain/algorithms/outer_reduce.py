@@ -40,6 +40,8 @@ class Compressor:
             return self.codec.encode(flat)
         dtype = torch.promote_types(flat.dtype, torch.float32)
         e = self.residuals.get(key)
+        if e is not None and e.device != flat.device:  # loaded from a checkpoint (on the CPU) into a run on a GPU
+            e = self.residuals[key] = e.to(flat.device)
         if e is not None and e.shape != flat.shape:  # the covered parameters changed (LISA): start afresh
             self.resets += 1
             e = None

@@ -17,7 +17,7 @@ from dtrain.comm.base import Comm, CommError, PeerTimeout
 @dataclass
 class Config:
     name: str = "torch"
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    backend: str = "auto"  # auto (follows the run's device: nccl for cuda, gloo for cpu; see dtrain.device) | gloo | nccl
     timeout_s: float = 600.0
     inner_size: int = 1  # processes per worker (hierarchical workers, with parallel.inner=fsdp|ddp); divides the world
 
@@ -31,7 +31,11 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"comm.timeout_s must be > 0, got {cfg.timeout_s}")
 
 
-def connect(cfg: Config) -> TorchComm:
+def connect(cfg: Config, *, device: torch.device | None = None) -> TorchComm:
+    """``device``: where the run computes (dtrain.device); ``backend=auto`` then follows it (nccl for
+    cuda, gloo for cpu) instead of following whether CUDA exists."""
+    if cfg.backend == "auto" and device is not None:
+        return TorchComm(backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.timeout_s)
     return TorchComm(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=cfg.timeout_s)
 
 
