@@ -171,7 +171,10 @@ class HFCausalLM(Workload):
             raise ValueError(f"workload.seq_len={c.seq_len} is longer than the model's {positions} positions; lower workload.seq_len")
         if c.gradient_checkpointing:
             # non-reentrant: works with frozen inputs (LISA) and gives the same gradients as without
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # training never reuses keys/values; the cache only costs memory
         model.train()
         return model
