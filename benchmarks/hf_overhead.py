@@ -90,7 +90,7 @@ def _plain(args: argparse.Namespace, tmp: Path, i: int) -> dict[str, Any]:
 
 def _dtrain(args: argparse.Namespace, tmp: Path, i: int) -> dict[str, Any]:
     out = tmp / f"dtrain{i}"
-    keys = [f"workload.{k}={v}" for k, v in _workload_keys(args).items()]
+    keys = [f"workload.{k}={v}" for k, v in _workload_keys(args).items() if v != ""]  # `key=` would read as null
     summary = torchrun_train(args.workers, "configs/hf_causal_lm.yaml", out, [
         *keys, "algo=[ddp]", f"steps={args.steps}", f"eval_every={args.steps}", f"log_every={args.log_every}",
         "workload.eval_batches=1", "ckpt_every=0", "threads=1", "seed=0", f"optim.lr={LR}", f"optim.weight_decay={WEIGHT_DECAY}",

@@ -4,6 +4,7 @@ every algorithm under real torchrun, exact resume, bf16, grad_accum, activation 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,7 @@ def test_a_hub_name_is_refused_in_one_line(path: str) -> None:
     ("workload.model_type=bert_like", "workload.model_type='bert_like' has no size keys"),
     ("workload.d_model=64", "unknown key workload.d_model"),
     ("workload.val_fraction=1.5", "workload.val_fraction must be in (0, 1)"),
+    ("workload.tokenizer=gpt2", "workload.tokenizer=gpt2 is not a local folder and dtrain does not download"),
 ])
 def test_bad_keys_are_one_line(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -231,6 +233,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_grads(data: dict[str, st
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(g0, g1))
 
 
+def test_model_config_passes_other_attributes(data: dict[str, str]) -> None:
+    model = workload(data, "workload.model_config.layer_norm_epsilon=0.001").build_model()
+    assert model.config.layer_norm_epsilon == 0.001 and model.config.n_embd == 32 and model.config.vocab_size == 257
+
+
 def test_lisa_finds_hf_blocks(data: dict[str, str]) -> None:
     assert find_blocks(workload(data).build_model()) == "transformer.h"
     assert find_blocks(workload(data, "workload.model_type=llama").build_model()) == "model.layers"
@@ -244,3 +251,17 @@ def test_evaluate_reports_perplexity_and_sample_decodes(data: dict[str, str]) ->
     assert result["val_loss"] == pytest.approx(torch.log(torch.tensor(257.0)).item(), rel=0.1)  # an untrained model guesses
     s = w.sample(model, length=10, seed=3)
     assert s.length == 10 and s == w.sample(model, length=10, seed=3)  # deterministic in the seed
+
+
+def test_the_readme_section_names_real_keys_and_its_command_loads(data: dict[str, str]) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Hugging Face causal LMs"):]
+    section = section[:section.index("\n### ")]
+    fields = set(hf_causal_lm.Config.__dataclass_fields__)
+    table_keys = {k for row in section.splitlines() if row.startswith("| `") for k in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert table_keys and table_keys <= fields
+    command = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).replace("\\\n", " ").split()
+    config, overrides = command[command.index("train") + 1], command[command.index("train") + 2:]
+    overrides = [f"workload.data_path={data['path']}" if o.startswith("workload.data_path=") else o for o in overrides]
+    cfg = load(Path(__file__).resolve().parents[1] / config, overrides)
+    assert cfg.workload.model_type == "llama" and cfg.lisa is not None and cfg.algo.name == "diloco"

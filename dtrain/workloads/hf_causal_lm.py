@@ -89,7 +89,7 @@ def check_local(key: str, path: str, *, what: str = "a local folder written by s
     """``path`` must be a local folder: a hub name is refused (nothing is downloaded)."""
     if not path or Path(path).is_dir():
         return
-    if not Path(path).exists() and path.count("/") <= 1 and not path.startswith((".", "~")):
+    if not Path(path).exists() and path.count("/") <= 1 and not path.startswith((".", "~", "/")):  # looks like org/name
         raise ValueError(f"workload.{key}={path} is not a local folder and dtrain does not download from the hub; "
                          f"download it yourself and pass {what} (e.g. huggingface-cli download {path} --local-dir DIR)")
     raise ValueError(f"workload.{key}={path} is not a folder; pass {what}")
@@ -99,7 +99,9 @@ def model_config(cfg: Any, vocab_size: int, eos_id: int | None = None) -> Any:
     """The transformers config the size keys describe, with ``vocab_size`` and ``eos_id`` from the tokenizer."""
     import transformers
 
-    extra = dict(cfg.model_config)
+    from omegaconf import DictConfig, OmegaConf
+
+    extra = OmegaConf.to_container(cfg.model_config, resolve=True) if isinstance(cfg.model_config, DictConfig) else dict(cfg.model_config)
     inner = cfg.intermediate_size or 4 * cfg.hidden_size
     if cfg.model_type == "gpt2":
         sizes = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.hidden_size, n_inner=inner, n_positions=cfg.seq_len,
