@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,7 @@ def test_batches_are_a_pure_function_of_seed_step_rank(data: dict[str, str]) -> 
     for step, rank in ((0, 0), (5, 1), (5, 0)):
         assert all(torch.equal(x, y) for x, y in zip(a.train_batch(step, rank, 2), b.train_batch(step, rank, 2)))
     assert not torch.equal(a.train_batch(5, 0, 2)[0], a.train_batch(5, 1, 2)[0])
+    assert isinstance(a.train_data, np.memmap) and a.train_data.dtype == np.uint16  # on disk, not in memory
     x, y = a.train_batch(3, 0, 2)
     assert x.shape == (8, 32) and torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
 
@@ -186,6 +188,8 @@ def test_a_hub_name_is_refused_in_one_line(path: str) -> None:
     msg = str(e.value)
     assert msg.startswith(f"workload.model_path={path} is not a local folder and dtrain does not download")
     assert "--local-dir" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="dtrain does not download"):  # a library user building without dtrain.config
+        hf_causal_lm.HFCausalLM(hf_causal_lm.Config(model_path=path), seed=0)
 
 
 @pytest.mark.parametrize("override, message", [

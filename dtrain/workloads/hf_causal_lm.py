@@ -131,6 +131,9 @@ class HFCausalLM(Workload):
 
     def __init__(self, cfg: Any, *, seed: int) -> None:
         super().__init__(cfg, seed=seed)
+        check_local("model_path", cfg.model_path)  # again here: a library user may build without dtrain.config
+        if cfg.tokenizer not in ("byte", "bpe"):
+            check_local("tokenizer", cfg.tokenizer, what="byte, bpe or a local tokenizer folder")
         root = hf_data.cache_root(cfg.cache_dir)
         digest = hf_data.data_hash(cfg.data_path, cfg.text_field)
         if cfg.tokenizer == "byte":

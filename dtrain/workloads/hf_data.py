@@ -51,7 +51,8 @@ def data_files(path: str) -> list[Path]:
         return sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
     p = Path(path)
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
+        # .jsonl only: a folder's .json files are as often configs as data (a .json file named on its own is read as JSONL)
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl"))
     return [p]
 
 
@@ -69,7 +70,7 @@ def check_data_path(path: str, text_field: str) -> None:
         raise ValueError(f"{where} does not exist; point it at a text or JSONL file, a folder of them, a glob, "
                          "or a datasets save_to_disk folder")
     if p.is_dir() and not is_dataset_dir(p) and not data_files(path):
-        raise ValueError(f"{where} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files and is not a datasets "
+        raise ValueError(f"{where} holds no {'/'.join((*TEXT_SUFFIXES, '.jsonl'))} files and is not a datasets "
                          "save_to_disk folder; point it at your text")
     if not text_field:
         raise ValueError("workload.text_field must name the field that holds the text (e.g. text)")
