@@ -138,6 +138,16 @@ def test_bpe_is_trained_once_and_reused_from_its_cache(data: dict[str, str], tmp
     assert second.sample(second.build_model(), length=5).prompt  # decodes a prompt
 
 
+def test_a_local_tokenizer_folder(data: dict[str, str], tmp_path: Path) -> None:
+    bpe = workload(data, "workload.tokenizer=bpe", "workload.bpe_vocab_size=400")
+    folder = tmp_path / "tok"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer.tok, eos_token=hf_data.EOS_TOKEN).save_pretrained(folder)
+    local = workload(data, f"workload.tokenizer={folder}")
+    assert local.tokenizer.vocab_size == 400 and local.tokenizer.eos_id == bpe.tokenizer.eos_id
+    assert (local.train_data == bpe.train_data).all()  # the same tokens as the BPE it was saved from
+    assert local.sample(local.build_model(), length=4).continuation is not None
+
+
 def test_jsonl_and_save_to_disk_give_the_same_tokens(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     docs = [p for p in default_corpus()[:60_000].split("\n\n") if p]
@@ -216,6 +226,8 @@ def test_bf16_and_grad_accum_run(tmp_path: Path, data: dict[str, str]) -> None:
     accum = run(load(None, [*common, "grad_accum=2", f"out_dir={tmp_path / 'accum'}"]))
     assert bf16["final_loss"] != fp32["final_loss"] and abs(bf16["final_loss"] - fp32["final_loss"]) < 0.05 * fp32["final_loss"]
     assert abs(accum["final_loss"] - fp32["final_loss"]) < 1e-4 * fp32["final_loss"]  # same trajectory, smaller forwards
+    ckpt = run(load(None, [*common, "workload.gradient_checkpointing=true", f"out_dir={tmp_path / 'ckpt'}"]))
+    assert abs(ckpt["final_loss"] - fp32["final_loss"]) < 1e-5 * fp32["final_loss"]  # recomputed, not changed
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
