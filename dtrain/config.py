@@ -52,6 +52,7 @@ WORKLOADS = {
     "digits_cnn": "dtrain.workloads.digits_cnn",
     "ctr": "dtrain.workloads.ctr",
     "seq_rnn": "dtrain.workloads.seq_rnn",
+    "hf_causal_lm": "dtrain.workloads.hf_causal_lm",  # needs the hf extra (transformers, tokenizers, datasets)
 }
 COMMS = {
     "torch": "dtrain.comm.torch_backend",

@@ -51,7 +51,7 @@ from dtrain.seeding import digest_seed
 @dataclass
 class Config:
     name: str = "lisa"
-    blocks: str = "blocks"  # attribute path of the nn.ModuleList of middle blocks
+    blocks: str = "blocks"  # attribute path of the nn.ModuleList of middle blocks; a model without `blocks`: see KNOWN_BLOCKS
     gamma: int = 2  # blocks unfrozen at a time (LMFlow default)
     interval: int = 20  # optimizer steps between draws (LMFlow default)
     probabilities: list[float] | None = None  # None = uniform; else one per block, summing to 1
@@ -77,8 +77,26 @@ class Config:
 validate = Config.validate  # dtrain.config calls it on the lisa section
 
 
+# Where Hugging Face-style causal LMs keep their blocks (GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT, MPT).
+KNOWN_BLOCKS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
+
+
+def find_blocks(model: nn.Module) -> str | None:
+    """The first of `KNOWN_BLOCKS` that is an ``nn.ModuleList`` of ``model``, or None."""
+    for path in KNOWN_BLOCKS:
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return path
+    return None
+
+
 def resolve_blocks(model: nn.Module, path: str) -> nn.ModuleList:
-    """The ``nn.ModuleList`` at attribute path ``path`` (e.g. ``transformer.h``) of ``model``."""
+    """The ``nn.ModuleList`` at attribute path ``path`` (e.g. ``transformer.h``) of ``model``. With the
+    default path (``blocks``) on a model that has none, a Hugging Face-style block list is found by itself."""
+    if path == Config.blocks and not hasattr(model, path) and (found := find_blocks(model)) is not None:
+        path = found
     obj: Any = model
     for i, part in enumerate(path.split(".")):
         if not hasattr(obj, part):
