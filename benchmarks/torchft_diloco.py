@@ -129,11 +129,18 @@ def main() -> int:
                    *[a for a in sys.argv[1:] if a not in ("--replica", "--with-dtrain")]]
             if args.quick:
                 cmd += ["--workers", "2", "--steps", "20", "--h", "5", "--batch", "4"]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        logs = [proc.communicate()[0] for proc in procs]
+            # a file, not a pipe: replicas log a lot, and a full pipe nobody reads yet blocks its writer
+            with open(f"{tmp}/{rank}.log", "w") as log:
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        while any(proc.poll() is None for proc in procs):  # one replica failing leaves the others waiting on it
+            if any(proc.returncode for proc in procs):
+                for proc in procs:
+                    proc.kill()
+            time.sleep(1)
         if any(proc.returncode for proc in procs):
             bad = next(i for i, proc in enumerate(procs) if proc.returncode)
-            raise SystemExit(f"torchft replica {bad} failed ({procs[bad].returncode}):\n{logs[bad][-3000:]}")
+            log = Path(f"{tmp}/{bad}.log").read_text()
+            raise SystemExit(f"torchft replica {bad} failed ({procs[bad].returncode}):\n{log[-3000:]}")
         reps = [json.loads(Path(f"{tmp}/{r}.json").read_text()) for r in range(args.workers)]
     lighthouse.shutdown()
     params, outer_steps = reps[0]["params"], reps[0]["outer_steps"]

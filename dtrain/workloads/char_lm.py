@@ -18,6 +18,7 @@ from torch import nn
 
 from dtrain.workloads.base import Sample, Workload, generator
 from dtrain.workloads.corpus import default_corpus
+from dtrain.workloads.windows import mean_loss, windows
 
 VOCAB = 256  # bytes: any user text works without a tokenizer
 PROMPT_BYTES = 24  # a sample's prompt: the first words (at most this many bytes) of a validation paragraph
@@ -162,15 +163,9 @@ class CharLM(Workload):
         init_weights(model, generator(self.seed, "init"))
         return model
 
-    def _windows(self, data: torch.Tensor, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.cfg.seq_len
-        starts = torch.randint(0, len(data) - t - 1, (batch_size,), generator=gen)
-        idx = starts[:, None] + torch.arange(t + 1)
-        chunk = data[idx].long()
-        return chunk[:, :-1], chunk[:, 1:]
-
     def train_batch(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._windows(self.train_data, self.cfg.batch_size, generator(self.seed, "train", step, rank))
+        return windows(self.train_data, seq_len=self.cfg.seq_len, batch_size=self.cfg.batch_size,
+                       gen=generator(self.seed, "train", step, rank))
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -178,16 +173,10 @@ class CharLM(Workload):
         logits = model(x.to(device))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1))
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        gen = generator(self.seed, "val")
-        total = 0.0
-        for _ in range(self.cfg.eval_batches):
-            total += float(self.loss(model, self._windows(self.val_data, self.cfg.eval_batch_size, gen)))
-        model.train(was_training)
-        return {"val_loss": total / self.cfg.eval_batches}
+        c = self.cfg
+        return {"val_loss": mean_loss(self.loss, model, self.val_data, seq_len=c.seq_len, batches=c.eval_batches,
+                                      batch_size=c.eval_batch_size, gen=generator(self.seed, "val"))}
 
     def prompt(self, seed: int) -> bytes:
         """The first words of a validation paragraph picked by ``seed``: text the model never trained on."""

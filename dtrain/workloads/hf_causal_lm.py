@@ -23,6 +23,7 @@ from torch import nn
 
 from dtrain.workloads import hf_data
 from dtrain.workloads.base import Sample, Workload, generator, stream_seed
+from dtrain.workloads.windows import mean_loss, windows
 
 MODEL_TYPES = ("gpt2", "llama")  # the size keys map onto these; other types take model_config only
 PROMPT_TOKENS = 8  # a sample's prompt: the first tokens of a validation document
@@ -185,14 +186,9 @@ class HFCausalLM(Workload):
         return model
 
     # -- data ----------------------------------------------------------------------------------
-    def _windows(self, data: np.ndarray, batch_size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.cfg.seq_len
-        starts = torch.randint(0, len(data) - t - 1, (batch_size,), generator=gen).numpy()
-        chunk = torch.from_numpy(data[starts[:, None] + np.arange(t + 1)].astype(np.int64))  # a copy: the memmap stays read-only
-        return chunk[:, :-1], chunk[:, 1:]
-
     def train_batch(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._windows(self.train_data, self.cfg.batch_size, generator(self.seed, "train", step, rank))
+        return windows(self.train_data, seq_len=self.cfg.seq_len, batch_size=self.cfg.batch_size,
+                       gen=generator(self.seed, "train", step, rank))
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
@@ -200,18 +196,10 @@ class HFCausalLM(Workload):
         logits = model(input_ids=x.to(device), use_cache=False).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.to(device).reshape(-1))
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        gen = generator(self.seed, "val")
-        total = 0.0
-        try:
-            for _ in range(self.cfg.eval_batches):
-                total += float(self.loss(model, self._windows(self.val_data, self.cfg.eval_batch_size, gen)))
-        finally:
-            model.train(was_training)
-        val = total / self.cfg.eval_batches
+        c = self.cfg
+        val = mean_loss(self.loss, model, self.val_data, seq_len=c.seq_len, batches=c.eval_batches,
+                        batch_size=c.eval_batch_size, gen=generator(self.seed, "val"))
         return {"val_loss": val, "perplexity": math.exp(min(val, 700.0))}  # exp overflows past ~709
 
     # -- samples -------------------------------------------------------------------------------
