@@ -90,7 +90,8 @@ Options beyond those equations (`benchmarks/hdet.py` measures them; figures in t
 - ``select_grid="odd"`` puts ×1 on the selection's grid (4 replicas: ×1/10, ×1, ×1, ×10), so a max_lr
   that is already right is kept unless another factor beats it; ``select_rounds=k`` splits the start
   into k rounds, round j's grid centred on the last winner with range R^(1/2^j) (see
-  `dtrain.algorithms.hdet_select`).
+  `dtrain.algorithms.hdet_select`). Which form to use depends on the outer algorithm (measured in
+  `benchmarks/hdet.py`, README): the odd grid in one round over DiLoCo, two rounds over NoLoCo.
 
 - ``outer="diloco"`` / ``"noloco"`` (``outer_options``: that algorithm's keys; `dtrain train`:
   ``algo=[hdet,diloco]``): the replicas are DiLoCo or NoLoCo workers and the converge step is the outer
