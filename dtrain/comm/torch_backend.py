@@ -34,8 +34,10 @@ def validate(cfg: Config) -> None:
 def connect(cfg: Config, *, device: torch.device | None = None) -> TorchComm:
     """``device``: where the run computes (dtrain.device); ``backend=auto`` then follows it (nccl for
     cuda, gloo for cpu) instead of following whether CUDA exists."""
-    if cfg.backend == "auto" and device is not None:
-        return TorchComm(backend="nccl" if device.type == "cuda" else "gloo", timeout_s=cfg.timeout_s)
+    from dtrain.device import comm_backend
+
+    if device is not None:
+        return TorchComm(backend=comm_backend(cfg.backend, device), timeout_s=cfg.timeout_s)
     return TorchComm(backend=None if cfg.backend == "auto" else cfg.backend, timeout_s=cfg.timeout_s)
 
 

@@ -7,7 +7,6 @@ baseline at the default config reaches in its step budget on one worker; see
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.workloads.base import Sample, Workload, generator
-from dtrain.workloads.corpus import default_corpus
+from dtrain.workloads.corpus import default_corpus, is_validation
 from dtrain.workloads.windows import mean_loss, windows
 
 VOCAB = 256  # bytes: any user text works without a tokenizer
@@ -125,10 +124,8 @@ def generate(model: nn.Module, prompt: torch.Tensor, *, length: int, context: in
 def split_text(text: str, val_fraction: float) -> tuple[bytes, bytes]:
     """Paragraphs go to validation by a hash of their content: deterministic, and duplicates never leak."""
     train, val = [], []
-    buckets = 10_000
     for para in text.split("\n\n"):
-        h = int.from_bytes(hashlib.blake2b(para.encode("utf-8"), digest_size=4).digest(), "little")
-        (val if h % buckets < val_fraction * buckets else train).append(para)
+        (val if is_validation(para, val_fraction) else train).append(para)
     return "\n\n".join(train).encode("utf-8"), "\n\n".join(val).encode("utf-8")
 
 

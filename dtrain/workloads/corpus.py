@@ -13,10 +13,32 @@ import os
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SEPARATOR = "\n\n"
 MAX_BYTES = 4_000_000  # plenty for a small model; keeps first-use gathering to seconds
+SPLIT_BUCKETS = 10_000
+
+
+def is_validation(doc: str, val_fraction: float) -> bool:
+    """Whether ``doc`` goes to validation: by a hash of its content, so the split is deterministic and a
+    duplicated document never sits on both sides."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=4).digest(), "little")
+    return h % SPLIT_BUCKETS < val_fraction * SPLIT_BUCKETS
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename: concurrent workers never see a
+    half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def stdlib_root() -> Path:
@@ -73,8 +95,5 @@ def default_corpus() -> str:
     if len(text) < 100_000:
         raise RuntimeError(f"only {len(text)} characters of docstrings found under {stdlib_root()}; set workload.data_path to a text file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return text

@@ -18,20 +18,18 @@ import glob as globlib
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dtrain.workloads.corpus import cache_dir as dtrain_cache_dir
-from dtrain.workloads.corpus import default_corpus
+from dtrain.workloads.corpus import default_corpus, is_validation, write_atomic
 
 FORMAT = 1  # bump when the shard layout changes: old caches are then left alone, not misread
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
-SPLIT_BUCKETS = 10_000
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -140,11 +138,6 @@ def documents(path: str, text_field: str) -> Iterator[str]:
                 yield from _paragraphs(fh)
 
 
-def is_validation(doc: str, val_fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8"), digest_size=4).digest(), "little")
-    return h % SPLIT_BUCKETS < val_fraction * SPLIT_BUCKETS
-
-
 def data_hash(path: str, text_field: str) -> str:
     """A content hash of the data (files read in chunks; the embedded corpus by its text)."""
     h = hashlib.blake2b(digest_size=10)
@@ -178,18 +171,6 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # -- tokenizers ------------------------------------------------------------------------------------
