@@ -380,8 +380,8 @@ class HivemindComm(Comm):
         if node is None:
             return
         try:
-            self.membership.leave()
-        except Exception:  # noqa: BLE001 - best effort on the way out
+            self.membership.leave(timeout=5.0)
+        except Exception:  # noqa: BLE001 - best effort on the way out (a TimeoutError included)
             pass
         if node.rejected:
             log.warning("hivemind: rank %d ignored %d messages/records from %d peers without this run's key: %s",

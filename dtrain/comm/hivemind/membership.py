@@ -67,11 +67,12 @@ class Membership:
     def publish(self) -> None:
         self.node.publish(self.record(), ttl=4 * self.heartbeat)
 
-    def leave(self) -> None:
-        """Say we left (as long-lived as a beat: the DHT keeps, per peer, the record that expires last)."""
+    def leave(self, *, timeout: float | None = None) -> None:
+        """Say we left (as long-lived as a beat: the DHT keeps, per peer, the record that expires last);
+        ``timeout`` bounds the store (a peer shutting down must not hang on peers that are gone)."""
         self.active, self.joining = False, False
         if self.rank >= 0:
-            self.publish()
+            self.node.publish(self.record(), ttl=4 * self.heartbeat, timeout=timeout)
 
     # -- reading ------------------------------------------------------------------------------
     def refresh(self) -> dict[str, dict]:

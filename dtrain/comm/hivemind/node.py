@@ -169,16 +169,22 @@ class Node:
     def members_key(self) -> str:
         return f"dtrain/{self.run_id}/members"
 
-    def publish(self, record: dict[str, Any], ttl: float) -> None:
-        """Store this peer's membership record (JSON bytes, never pickled; signed with a run key) until now + ttl."""
+    def publish(self, record: dict[str, Any], ttl: float, *, timeout: float | None = None) -> None:
+        """Store this peer's membership record (JSON bytes, never pickled; signed with a run key) until now + ttl.
+        ``timeout``: give up (TimeoutError) after this many seconds, e.g. on the way out, when the peers the
+        record would be stored on may be shutting down too."""
         if self.dht is None or self._closed:
             return
         until = get_dht_time() + ttl
         if self.auth is not None:
             record = self.auth.sign_record(self.peer_id, record, until)
         blob = json.dumps(record, separators=(",", ":")).encode()
-        with self._dht_lock:
-            self.dht.store(self.members_key(), blob, until, subkey=self.peer_id)
+        if not self._dht_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"membership record not stored within {timeout} s: the DHT is busy")
+        try:
+            self.dht.store(self.members_key(), blob, until, subkey=self.peer_id, return_future=True).result(timeout)
+        finally:
+            self._dht_lock.release()
 
     def records(self) -> dict[str, dict[str, Any]]:
         """peer id -> record, for every unexpired record under this run id (garbage skipped).
