@@ -111,6 +111,22 @@ def test_a_skipped_round_gives_its_signal_back():
     assert bool(torch.isfinite(comp.residuals["k"]).all())  # a NaN Δ never enters the residual
 
 
+def test_error_feedback_decay_follows_its_recurrence():
+    """β < 1: u_r = Δ_r + β·e_{r−1}, e_r = u_r − D(C(u_r)), checked against the recurrence written out."""
+    beta, codec = 0.75, Codec("topk", density=0.1, chunk=16)
+    comp = Compressor(codec, error_feedback=True, decay=beta)
+    g = torch.Generator().manual_seed(1)
+    e = torch.zeros(40, dtype=torch.float64)
+    for _ in range(4):
+        d = torch.randn(40, generator=g, dtype=torch.float64)
+        wire = comp.encode("k", d)
+        comp.settle("k")
+        u = d + beta * e
+        assert torch.equal(wire, codec.encode(u))
+        e = u - codec.decode(codec.encode(u), 40).double()
+        torch.testing.assert_close(comp.residuals["k"], e, rtol=0, atol=0)
+    assert float(e.abs().sum()) > 0
+
 def test_codec_levels_and_kept_values():
     x = torch.tensor([1.0, 0.75, 0.74, 0.5, 0.2, 1 / 64, 1 / 128, 1 / 129, -1.0, 0.0])
     assert Codec("int4", block=10).roundtrip(x).tolist() == [1, 1, 0.5, 0.5, 0.25, 1 / 64, 1 / 64, 0, -1, 0]

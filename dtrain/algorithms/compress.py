@@ -305,6 +305,11 @@ def check_compression(cfg: Any) -> None:
         for key, default in TOPK_DEFAULTS.items():
             if getattr(cfg, key) != default:
                 raise ValueError(f"algo.{key} only applies to algo.compression=topk; set that or drop algo.{key}")
+    if not 0 <= cfg.error_feedback_decay <= 1:
+        raise ValueError(f"algo.error_feedback_decay must be in [0, 1], got {cfg.error_feedback_decay}")
+    if cfg.error_feedback_decay != 1 and not cfg.error_feedback:
+        raise ValueError("algo.error_feedback_decay only applies with algo.error_feedback=true; set that or drop "
+                         "algo.error_feedback_decay")
     if cfg.error_feedback and name == "none":
         raise ValueError("algo.error_feedback=true does nothing with algo.compression=none (nothing is lost); "
                          "pick a codec (bf16, int8, int4, topk) or drop algo.error_feedback")

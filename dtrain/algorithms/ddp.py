@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import Algorithm
-from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
+from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression
 from dtrain.algorithms.ddp_buckets import FIRST_BUCKET_BYTES, FLAGGED, OK, PEER_NONFINITE, GradBuckets, agreed_verdict, finite
 from dtrain.algorithms.outer_reduce import Compressor, start_mean
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
@@ -27,6 +27,7 @@ class Config:
     bucket_mb: float = 25.0  # gradient bucket size (torch DDP's bucket_cap_mb); the first bucket is at most 1 MiB
     compression: str = "none"  # none | bf16 | int8 | int4 | topk: the gradient's wire format (reduced at the step)
     error_feedback: bool = False  # carry what compression dropped into the next step's gradient
+    error_feedback_decay: float = 1.0  # β: the share of the unsent residual kept each round (SparseLoCo: 0.95)
     block_size: int = DEFAULT_BLOCK  # int8/int4: elements per fp32 scale
     topk_density: float = TOPK_DEFAULTS["topk_density"]  # topk: fraction of each chunk sent
     topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]  # topk: elements per chunk
@@ -88,8 +89,7 @@ class DDP(Algorithm):
         if self.cfg.broadcast_init:
             with torch.no_grad():
                 comm.broadcast(self.params, src=0)
-        self.compressor = (Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
-                           if self.cfg.compression != "none" else None)
+        self.compressor = Compressor.of(self.cfg) if self.cfg.compression != "none" else None
         # robust aggregation and compression need every worker's whole gradient at once: both act at the step
         cap = max(1, int(self.cfg.bucket_mb * 2**20))
         self.buckets = (None if self.robust.active or self.compressor is not None else

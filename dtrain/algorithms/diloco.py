@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import Algorithm, all_finite, check_outer_step, locals_
-from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
+from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression
 from dtrain.algorithms.outer_reduce import Compressor, start_mean
 from dtrain.algorithms.outer_state import OUTER_DEVICES, outer_copy, state_report
 from dtrain.algorithms.robust import DEFAULT_TRIM, Options, Tracker, aggregate, check_options, common_dtype
@@ -50,6 +50,7 @@ class Config:
     robust_norm_bound: float = 0.0  # 0 = off; else clip a Δ to this multiple of the median Δ norm
     compression: str = "none"  # none | bf16 | int8 | int4 | topk (dtrain.algorithms.compress)
     error_feedback: bool = False  # carry what compression dropped into the next outer step
+    error_feedback_decay: float = 1.0  # β: the share of the unsent residual kept each round (SparseLoCo: 0.95)
     block_size: int = DEFAULT_BLOCK  # int8/int4: elements per fp32 scale
     topk_density: float = TOPK_DEFAULTS["topk_density"]  # topk: fraction of each chunk sent
     topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]  # topk: elements per chunk
@@ -86,7 +87,7 @@ class DiLoCo(Algorithm):
         self.outer_blocked_s = 0.0  # seconds blocked in the outer steps' own communication
         self.robust = Options(self.cfg.robust, self.cfg.robust_trim, self.cfg.robust_norm_bound)
         self.tracker = Tracker("diloco", self.robust)
-        self.compressor = Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
+        self.compressor = Compressor.of(self.cfg)
         params = self.params
         if self.cfg.broadcast_init:
             with torch.no_grad():

@@ -2,9 +2,10 @@
 
 `Compressor` is a codec (`dtrain.algorithms.compress`) plus, with ``error_feedback``, one residual
 e per vector it sends (keyed by the caller, e.g. a dtype group of one fragment): each round
-u = Δ + e, the wire carries C(u), and e ← u − D(C(u)), so over rounds Σ D(C(u)) = Σ Δ − e_final:
-nothing is lost, only delayed (SparseLoCo, DeMo). Residuals are kept in fp32 (float64 for float64
-vectors). A round whose outer step is skipped on every worker gives its u back (`rollback`), and a
+u = Δ + β·e, the wire carries C(u), and e ← u − D(C(u)). With β = 1 (the default), over rounds
+Σ D(C(u)) = Σ Δ − e_final: nothing is lost, only delayed; β < 1 (SparseLoCo's error-feedback decay)
+forgets old unsent signal on purpose, so the residual carries mostly recent outer gradients.
+Residuals are kept in fp32 (float64 for float64 vectors). A round whose outer step is skipped on every worker gives its u back (`rollback`), and a
 non-finite u never enters a residual.
 
 `start_mean` starts the reduction and returns a `PendingMean`: summable codecs (none, bf16) ride
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dtrain.algorithms.compress import Codec, DecodeError
+from dtrain.algorithms.compress import Codec, DecodeError, codec_of
 from dtrain.comm.base import Comm
 from dtrain.comm.flat import flatten, group_by_dtype, unflatten_into
 
@@ -28,12 +29,18 @@ from dtrain.comm.flat import flatten, group_by_dtype, unflatten_into
 class Compressor:
     """``encode(key, Δ)`` → the wire tensor; with error feedback the residual of ``key`` rides along."""
 
-    def __init__(self, codec: Codec, *, error_feedback: bool = False) -> None:
+    def __init__(self, codec: Codec, *, error_feedback: bool = False, decay: float = 1.0) -> None:
         self.codec = codec
         self.error_feedback = error_feedback
+        self.decay = decay  # β: the share of the residual carried into the next round
         self.residuals: dict[str, torch.Tensor] = {}
         self._sent: dict[str, torch.Tensor] = {}  # key -> u of the round in flight (for rollback)
         self.resets = 0  # residuals dropped because the vector's size changed
+
+    @classmethod
+    def of(cls, cfg: Any, codec: Codec | None = None) -> "Compressor":
+        """The compressor an algorithm Config's compression and ``error_feedback*`` keys select."""
+        return cls(codec or codec_of(cfg), error_feedback=bool(cfg.error_feedback), decay=float(cfg.error_feedback_decay))
 
     def encode(self, key: str, flat: torch.Tensor) -> torch.Tensor:
         if not self.error_feedback:
@@ -45,7 +52,7 @@ class Compressor:
         if e is not None and e.shape != flat.shape:  # the covered parameters changed (LISA): start afresh
             self.resets += 1
             e = None
-        u = flat.to(dtype) if e is None else flat.to(dtype) + e
+        u = flat.to(dtype) if e is None else flat.to(dtype) + (e if self.decay == 1 else self.decay * e)
         wire = self.codec.encode(u)
         if bool(torch.isfinite(u).all()):  # a non-finite u leaves e as it was (its wire is refused anyway)
             self._sent[key] = u

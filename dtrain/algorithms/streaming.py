@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, all_finite, check_outer_step
-from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression, codec_of
+from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, check_compression
 from dtrain.algorithms.outer_reduce import Compressor, PendingMean, resume_mean, start_mean
 from dtrain.algorithms.fragments import check_schedule, fragments_of
 from dtrain.algorithms.outer_state import OUTER_DEVICES, OuterState
@@ -53,6 +53,7 @@ class Config:
     broadcast_init: bool = True
     compression: str = "none"  # none | bf16 | int8 | int4 | topk (dtrain.algorithms.compress)
     error_feedback: bool = False
+    error_feedback_decay: float = 1.0  # β: the share of the unsent residual kept each round (SparseLoCo: 0.95)
     block_size: int = DEFAULT_BLOCK
     topk_density: float = TOPK_DEFAULTS["topk_density"]
     topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]
@@ -93,7 +94,7 @@ class StreamingDiLoCo(Algorithm):
                             nesterov=self.cfg.nesterov)
             for p in range(len(self.fragments))
         ]
-        self.compressor = Compressor(codec_of(self.cfg), error_feedback=self.cfg.error_feedback)
+        self.compressor = Compressor.of(self.cfg)
         self.inflight: dict[int, tuple[int, PendingMean]] = {}  # fragment -> (apply at step, reduction)
         self.fragment_syncs = [0] * len(self.fragments)  # outer steps applied, per fragment
         self.fragment_skips = [0] * len(self.fragments)  # outer steps skipped on every worker (mean not finite)
