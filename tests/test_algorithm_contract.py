@@ -164,6 +164,7 @@ KEY_CASES = [
     ("ddp", "algo.bucket_mb=0.00001", [], 3, None),  # ~10-byte buckets: more all-reduces per step
     ("ddp", "algo.compression=int8", [], 3, None),
     ("ddp", "algo.error_feedback=true", ["algo.compression=int4"], 3, None),
+    ("ddp", "algo.error_feedback_decay=0.5", ["algo.compression=int4", "algo.error_feedback=true"], 3, None),
     ("ddp", "algo.block_size=4", ["algo.compression=int4"], 3, None),
     ("ddp", "algo.topk_density=0.5", ["algo.compression=topk"], 3, None),
     ("ddp", "algo.topk_chunk=8", ["algo.compression=topk"], 3, None),
@@ -178,6 +179,7 @@ KEY_CASES = [
     ("diloco", "algo.robust_norm_bound=1.0", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.compression=int8", ["algo.sync_every=3"], 3, None),
     ("diloco", "algo.error_feedback=true", ["algo.sync_every=3", "algo.compression=int4"], 3, None),
+    ("diloco", "algo.error_feedback_decay=0.5", ["algo.sync_every=3", "algo.compression=int4", "algo.error_feedback=true"], 3, None),
     ("diloco", "algo.block_size=4", ["algo.sync_every=3", "algo.compression=int4"], 3, None),
     ("diloco", "algo.topk_density=0.5", ["algo.sync_every=3", "algo.compression=topk"], 3, None),
     ("diloco", "algo.topk_chunk=8", ["algo.sync_every=3", "algo.compression=topk"], 3, None),
@@ -188,14 +190,16 @@ KEY_CASES = [
         ("algo.nesterov=false", []), ("algo.fragments=1", []), ("algo.fragment_paths=[0,2]", []),
         ("algo.overlap_steps=0", []), ("algo.mix_alpha=0.0", []), ("algo.broadcast_init=false", []),
         ("algo.compression=int8", []), ("algo.error_feedback=true", ["algo.compression=int4"]),
+        ("algo.error_feedback_decay=0.5", ["algo.compression=int4", "algo.error_feedback=true"]),
         ("algo.block_size=4", ["algo.compression=int4"]), ("algo.topk_density=0.5", ["algo.compression=topk"]),
         ("algo.topk_chunk=8", ["algo.compression=topk"]), ("algo.topk_value_bits=4", ["algo.compression=topk", "algo.topk_density=0.5"]),
         ("algo.outer_device=cpu", [])]],
     *[("streaming_noloco", item, ["algo.sync_every=4", "algo.fragments=2", *base], 4, slow) for item, base, slow in [
         ("algo.sync_every=6", [], None), ("algo.outer_lr=0.9", [], None), ("algo.outer_momentum=0.3", [], None),
-        ("algo.gamma=1.0", [], None), ("algo.group_size=4", [], None), ("algo.fragments=1", [], None),
+        ("algo.gamma=1.0", [], None), ("algo.nesterov=true", [], None), ("algo.group_size=4", [], None), ("algo.fragments=1", [], None),
         ("algo.fragment_paths=[0,2]", [], None), ("algo.overlap_steps=0", [], None), ("algo.mix_alpha=0.0", [], None),
         ("algo.compression=int8", [], None), ("algo.error_feedback=true", ["algo.compression=topk"], None),
+        ("algo.error_feedback_decay=0.5", ["algo.compression=topk", "algo.error_feedback=true"], None),
         ("algo.block_size=4", ["algo.compression=int4"], None), ("algo.topk_density=0.5", ["algo.compression=topk"], None),
         ("algo.topk_chunk=8", ["algo.compression=topk"], None),
         ("algo.topk_value_bits=4", ["algo.compression=topk", "algo.topk_density=0.5"], None),
@@ -205,12 +209,14 @@ KEY_CASES = [
     ("noloco", "algo.outer_lr=0.9", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.outer_momentum=0.3", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.gamma=1.0", ["algo.sync_every=3"], 4, None),
+    ("noloco", "algo.nesterov=true", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.group_size=4", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.phi_lead_steps=1", ["algo.sync_every=3"], 4, None),  # φ sent later: bytes by step differ
     ("noloco", "algo.phi_lead_steps=0", ["algo.sync_every=3"], 4, None),  # φ with Δ: fewer messages
     ("noloco", "algo.compression=int8", ["algo.sync_every=3"], 4, None),
     ("noloco", "algo.block_size=4", ["algo.sync_every=3", "algo.compression=int8"], 4, None),
     ("noloco", "algo.error_feedback=true", ["algo.sync_every=3", "algo.compression=topk"], 4, None),
+    ("noloco", "algo.error_feedback_decay=0.5", ["algo.sync_every=3", "algo.compression=topk", "algo.error_feedback=true"], 4, None),
     ("noloco", "algo.topk_density=0.5", ["algo.sync_every=3", "algo.compression=topk"], 4, None),
     ("noloco", "algo.topk_chunk=8", ["algo.sync_every=3", "algo.compression=topk"], 4, None),
     ("noloco", "algo.topk_value_bits=4", ["algo.sync_every=3", "algo.compression=topk", "algo.topk_density=0.5"], 4, None),
@@ -252,6 +258,7 @@ def test_a_non_default_value_changes_the_run(name, item, base, workers, slow):
     ("noloco", ["algo.block_size=32"], "algo.block_size"),  # only int8/int4 have blocks
     ("diloco", ["algo.topk_density=0.1", "algo.compression=int4"], "algo.topk_density"),  # only topk keeps a fraction
     ("streaming_diloco", ["algo.error_feedback=true"], "algo.error_feedback"),  # nothing is lost uncompressed
+    ("diloco", ["algo.compression=topk", "algo.error_feedback_decay=0.9"], "algo.error_feedback_decay"),  # no residual
     ("diloco", ["algo.compression=int8", "algo.robust=median"], "algo.compression"),  # robust gathers full Δs
     ("ddp", ["algo.compression=int8", "algo.robust=median"], "algo.compression"),
     ("noloco", ["algo.robust=median"], "algo.robust"),  # a median of a pair is its mean

@@ -4,6 +4,7 @@ slow partners, compressed exchange, exact resume under torchrun."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -58,6 +59,33 @@ def test_group_of_all_equals_diloco_outer_sgd():
     # and with pairs it is a different algorithm (the test above could not pass by accident)
     pairs = run_local(n, lambda c: _train(c, lambda o, c: NoLoCo(o, c, sync_every=10, group_size=2)))
     assert max(float((x - y).abs().max()) for x, y in zip(ref[0][0], pairs[0][0])) > 1e-3
+
+
+def test_nesterov_group_of_all_equals_diloco():
+    """nesterov=true with n = N is DiLoCo's own outer step (Nesterov SGD), and differs from the heavy-ball form."""
+    n = 4
+    ref = run_local(n, lambda c: _train(c, lambda o, c: DiLoCo(o, c, sync_every=10, outer_lr=0.7, outer_momentum=0.9)))
+    got = run_local(n, lambda c: _train(c, lambda o, c: NoLoCo(o, c, sync_every=10, outer_lr=0.7, outer_momentum=0.9,
+                                                               nesterov=True, group_size=n)))
+    heavy = run_local(n, lambda c: _train(c, lambda o, c: NoLoCo(o, c, sync_every=10, outer_lr=0.7, outer_momentum=0.9,
+                                                                 group_size=n)))
+    for (a, _), (b, algo) in zip(ref, got):
+        assert algo.outer_syncs == 4
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    assert max(float((x - y).abs().max()) for x, y in zip(ref[0][0], heavy[0][0])) > 1e-3
+
+
+@pytest.mark.parametrize("overrides, needs", [
+    ({"nesterov": True, "outer_momentum": 0.9, "gamma": 1.4}, "0, 1.357"),  # 2(1 + 0.9)/(1 + 1.8)
+    ({"nesterov": True, "outer_momentum": 0.0, "gamma": 0.5}, "outer_momentum > 0"),
+])
+def test_nesterov_pair_stability_range_is_checked(overrides, needs):
+    with pytest.raises(ValueError, match=re.escape(needs)):
+        Config(**overrides).validate()
+    Config(nesterov=True, outer_momentum=0.9, gamma=0.7).validate()  # inside (0, 1.357): the paper's form refuses it
+    with pytest.raises(ValueError, match="stability range"):
+        Config(outer_momentum=0.9, gamma=0.7).validate()
 
 
 def test_phi_sent_ahead_changes_timing_not_results():

@@ -10,7 +10,8 @@ means over the members that answered:
 
 α = outer_momentum, β = outer_lr, γ = gamma (defaults to β, as in the paper's code). With n = N
 every φ_i is equal, the γ term vanishes and this is DiLoCo with outer SGD (lr β, momentum α,
-no Nesterov).
+no Nesterov). ``nesterov=true`` takes the look-ahead form instead (`noloco_math.outer_move`), so
+with n = N it is DiLoCo's own outer step (Nesterov SGD, lr β, momentum α).
 
 Choices beyond the paper's code, each documented where it lives:
 - any worker count: a worker left alone by the chunking joins the previous group (a group of
@@ -65,7 +66,7 @@ import torch
 
 from dtrain.algorithms.base import Algorithm, AttachContext, Attached, check_outer_step, locals_
 from dtrain.algorithms.noloco_layout import HeldLayout
-from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of
+from dtrain.algorithms.noloco_math import Flats, check_gossip, effective_gamma, gossip_update, group_of, outer_move
 from dtrain.algorithms.noloco_math import groups_for_round  # noqa: F401 - re-exported for callers of noloco
 from dtrain.algorithms.compress import DEFAULT_BLOCK, TOPK_DEFAULTS, Codec, DecodeError, check_compression, codec_of
 from dtrain.algorithms.outer_reduce import Compressor
@@ -85,11 +86,13 @@ class Config:
     sync_every: int = 50  # H inner steps per outer step
     outer_lr: float = 0.7  # β
     outer_momentum: float = 0.5  # α
+    nesterov: bool = False  # the look-ahead form of the outer step (DiLoCo's optimizer, over the group's means)
     gamma: float | None = None  # γ, pull towards the group's mean φ; None = outer_lr
     group_size: int = 2  # n; a worker left alone joins the previous group
     phi_lead_steps: int = -1  # start φ's exchange this many steps before the outer step; -1 = whole round, 0 = with Δ
     compression: str = "none"  # none | bf16 | int8 | int4 | topk (Δ; φ goes int8 under int4/topk)
     error_feedback: bool = False  # carry what compression dropped from Δ into the next round
+    error_feedback_decay: float = 1.0  # β: the share of the unsent residual kept each round (SparseLoCo: 0.95)
     block_size: int = DEFAULT_BLOCK  # int8/int4 elements per scale
     topk_density: float = TOPK_DEFAULTS["topk_density"]  # topk: fraction of each chunk sent
     topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]  # topk: elements per chunk
@@ -139,7 +142,7 @@ class NoLoCo(HeldLayout, Algorithm):
         self.codec = codec_of(self.cfg)
         # φ is weights, not a change: a sparse or 4-bit φ would wreck the partner's mean, so it goes int8
         self.phi_codec = self.codec if self.codec.name in ("none", "bf16", "int8") else Codec("int8", block=self.cfg.block_size)
-        self.compressor = Compressor(self.codec, error_feedback=self.cfg.error_feedback)
+        self.compressor = Compressor.of(self.cfg, self.codec)
         self.dtype_groups = group_by_dtype(self.params)  # fixed: the optimizer's parameters
         self.phi = [self._to_outer(f) for f in self._flats(self.params)]  # φ_i, per dtype group: the slow weights
         self.momentum = [torch.zeros_like(f) for f in self.phi]  # δ_i
@@ -315,7 +318,7 @@ class NoLoCo(HeldLayout, Algorithm):
 
     def _update(self, delta: Flats, received: dict[int, tuple[Flats, Flats]]) -> None:
         gossip_update(self.phi, self.momentum, delta, received, rank=self.comm.rank, alpha=self.cfg.outer_momentum,
-                      beta=self.cfg.outer_lr, gamma=self.gamma)
+                      beta=self.cfg.outer_lr, gamma=self.gamma, nesterov=self.cfg.nesterov)
 
     def _robust_update(self, delta: Flats, received: dict[int, tuple[Flats, Flats]], round_: int) -> None:
         """`_update` with robust means of Δ and of φ_j − φ_i over the group (own row included)."""
@@ -340,9 +343,8 @@ class NoLoCo(HeldLayout, Algorithm):
         for phi, mom in zip(self.phi, self.momentum):
             cut = slice(offset, offset + phi.numel())
             offset += phi.numel()
-            step_delta, step_pull = mean_delta.value[cut].to(phi.dtype), pull.value[cut].to(phi.dtype)
-            mom.mul_(self.cfg.outer_momentum).add_(step_delta, alpha=self.cfg.outer_lr).add_(step_pull, alpha=self.gamma)
-            phi.add_(mom)
+            outer_move(phi, mom, mean_delta.value[cut].to(phi.dtype, copy=True), pull.value[cut].to(phi.dtype, copy=True),
+                       alpha=self.cfg.outer_momentum, beta=self.cfg.outer_lr, gamma=self.gamma, nesterov=self.cfg.nesterov)
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,9 @@ With Δ_i = θ_i − φ_i and means over the members that answered (own values i
 
     δ_i ← α·δ_i + β·mean(Δ) − γ·(φ_i − mean(φ))
     φ_i ← φ_i + δ_i
+
+or, with ``nesterov`` (the look-ahead form of torch's Nesterov SGD, which DiLoCo uses), with
+s_i = β·mean(Δ) − γ·(φ_i − mean(φ)): δ_i ← α·δ_i + s_i, φ_i ← φ_i + s_i + α·δ_i.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ def check_gossip(cfg: Any) -> None:
     if cfg.timeout_s <= 0:
         raise ValueError(f"algo.timeout_s must be > 0, got {cfg.timeout_s}")
     alpha, gamma = cfg.outer_momentum, effective_gamma(cfg)
+    if cfg.nesterov:
+        if alpha == 0:
+            raise ValueError("algo.nesterov=true needs algo.outer_momentum > 0 (set algo.nesterov=false)")
+        # The paper's range is for its own form. For the Nesterov form we check the condition of one
+        # fixed pair (derived here, not in the paper): the consensus error e and momentum m evolve by
+        # [[1 − γ(1+α), α²], [−γ, α]], whose eigenvalues lie inside the unit circle iff 0 < γ < 2(1+α)/(1+2α).
+        upper = 2 * (1 + alpha) / (1 + 2 * alpha)
+        if cfg.group_size == 2 and not 0 < gamma < upper:
+            raise ValueError(f"algo.gamma={gamma:g} is outside the stability range (0, {upper:.4g}) that group_size 2 "
+                             "needs with algo.nesterov=true (0 < gamma < 2(1 + outer_momentum)/(1 + 2 outer_momentum)); "
+                             "set algo.gamma inside it")
+        return
     upper = math.sqrt(2 + alpha**2)
     if cfg.group_size == 2 and not alpha < gamma < upper:
         raise ValueError(
@@ -67,8 +82,20 @@ def group_of(rank: int, members: Sequence[int], round_: int, *, seed: int, group
     return []
 
 
+def outer_move(phi: torch.Tensor, momentum: torch.Tensor, mean_delta: torch.Tensor, pull: torch.Tensor, *, alpha: float,
+               beta: float, gamma: float, nesterov: bool) -> None:
+    """One group's φ and δ in place, given mean(Δ) and ``pull`` = mean(φ) − φ_i (both may be overwritten)."""
+    if nesterov:
+        step = mean_delta.mul_(beta).add_(pull, alpha=gamma)
+        momentum.mul_(alpha).add_(step)
+        phi.add_(step).add_(momentum, alpha=alpha)
+    else:
+        momentum.mul_(alpha).add_(mean_delta, alpha=beta).add_(pull, alpha=gamma)
+        phi.add_(momentum)
+
+
 def gossip_update(phi: Flats, momentum: Flats, delta: Flats, received: dict[int, tuple[Flats, Flats]], *, rank: int,
-                  alpha: float, beta: float, gamma: float) -> None:
+                  alpha: float, beta: float, gamma: float, nesterov: bool = False) -> None:
     """φ and δ in place from own ``delta`` and the members' (Δ_j, φ_j) in ``received``.
 
     Sums run in rank order, so every member that saw the same messages computes identical means."""
@@ -80,6 +107,5 @@ def gossip_update(phi: Flats, momentum: Flats, delta: Flats, received: dict[int,
             sum_delta.add_(d)
             sum_phi.add_(q)
         count = len(members)
-        mom.mul_(alpha).add_(sum_delta.div_(count), alpha=beta)
-        mom.sub_(p - sum_phi.div_(count), alpha=gamma)
-        p.add_(mom)
+        outer_move(p, mom, sum_delta.div_(count), sum_phi.div_(count).sub_(p), alpha=alpha, beta=beta, gamma=gamma,
+                   nesterov=nesterov)

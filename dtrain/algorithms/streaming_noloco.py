@@ -43,6 +43,7 @@ class Config:
     sync_every: int = 50  # H: each fragment's gossip step comes every H inner steps
     outer_lr: float = 0.7  # β
     outer_momentum: float = 0.5  # α of NoLoCo (δ's decay)
+    nesterov: bool = False  # NoLoCo's look-ahead form of the outer step
     gamma: float | None = None  # γ; None = outer_lr
     group_size: int = 2
     fragments: int = 5  # P (H = 50, the NoLoCo paper's, is a multiple of it)
@@ -51,6 +52,7 @@ class Config:
     mix_alpha: float = 0.5  # θ ← mix_alpha·θ_local + (1 − mix_alpha)·φ when a fragment is applied
     compression: str = "none"
     error_feedback: bool = False
+    error_feedback_decay: float = 1.0  # β: the share of the unsent residual kept each round (SparseLoCo: 0.95)
     block_size: int = DEFAULT_BLOCK
     topk_density: float = TOPK_DEFAULTS["topk_density"]
     topk_chunk: int = TOPK_DEFAULTS["topk_chunk"]
@@ -99,7 +101,7 @@ class StreamingNoLoCo(Algorithm):
                 comm.broadcast(params, src=0)
         self.codec = codec_of(self.cfg)
         self.phi_codec = self.codec if self.codec.name in ("none", "bf16", "int8") else Codec("int8", block=self.cfg.block_size)
-        self.compressor = Compressor(self.codec, error_feedback=self.cfg.error_feedback)
+        self.compressor = Compressor.of(self.cfg, self.codec)
         # per fragment: the dtype groups of its pieces, then φ and δ as one flat vector per group
         self.groups = [group_by_dtype(self._thetas(p)) for p in range(len(self.fragments))]
         self.phi = [[self._outer(f) for f in self._flats(p)] for p in range(len(self.fragments))]
@@ -204,7 +206,7 @@ class StreamingNoLoCo(Algorithm):
                             p, ex.round_, j, self.comm.rank, e)
         self.outer_blocked_s += self.comm.stats.blocked_s - blocked
         gossip_update(self.phi[p], self.momentum[p], ex.own, received, rank=self.comm.rank,
-                      alpha=self.cfg.outer_momentum, beta=self.cfg.outer_lr, gamma=self.gamma)
+                      alpha=self.cfg.outer_momentum, beta=self.cfg.outer_lr, gamma=self.gamma, nesterov=self.cfg.nesterov)
         for g in range(n):
             self.compressor.settle(f"frag{p}/{g}")
         self.fragment_syncs[p] += 1
