@@ -37,8 +37,9 @@ from frontier_runs import DEFAULT_HP, Method, Run, Runner, at_step, seed_stats
 
 QUICK_MODEL = ("workload.n_layer=1", "workload.d_model=32", "workload.n_head=2", "workload.seq_len=32",
                "workload.eval_batches=2", "workload.eval_batch_size=8", "optim.warmup_steps=4")
-# The main regime's points (compute-bounded, see README): DDP and the candidates for >= 100x fewer bytes.
-MAIN_POINTS = ["ddp:-:0", "diloco:100:0", "noloco_int8:50:0", "diloco:50:0", "noloco:50:0", "ddp:-:1"]
+# The main regime's points (compute-bounded, see README): DDP and the candidates for >= 100x fewer bytes,
+# int4 DiLoCo at H=30 (50 outer steps at 107x) and DiLoCo at H=100 (15 at 100x); two seeds where the goal is decided.
+MAIN_POINTS = ["ddp:-:0,1", "diloco_int4:30:0,1", "diloco:100:0", "diloco:30:0"]
 # The second regime: whole lines over H, two seeds where NoLoCo meets DiLoCo at H=100.
 SMALL_POINTS = ["ddp:-:0", "diloco:100:0", "noloco:100:0", "noloco_int8:100:0", "diloco:30:0", "noloco:30:0", "diloco:300:0",
                 "noloco:300:0", "ddp:-:1", "diloco:100:1", "noloco:100:1", "noloco_int8:300:0", "diloco:10:0", "noloco:10:0"]

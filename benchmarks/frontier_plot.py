@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"diloco": "tab:blue", "noloco": "tab:orange", "diloco_int8": "tab:cyan", "noloco_int8": "tab:red",
+COLORS = {"diloco": "tab:blue", "noloco": "tab:orange", "diloco_int8": "tab:cyan", "diloco_int4": "tab:brown", "noloco_int8": "tab:red",
           "streaming": "tab:green", "streaming_int4": "tab:olive", "torchft_diloco": "tab:purple"}
 
 

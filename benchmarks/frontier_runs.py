@@ -63,6 +63,7 @@ def methods() -> dict[str, Method]:
            Method("noloco_int8", "NoLoCo int8", "noloco", ("algo.compression=int8",), base="noloco")]
     if _has_key("diloco", "compression"):
         out.append(Method("diloco_int8", "DiLoCo int8", "diloco", ("algo.compression=int8",), base="diloco"))
+        out.append(Method("diloco_int4", "DiLoCo int4", "diloco", ("algo.compression=int4",), base="diloco"))
     from dtrain.config import ALGORITHMS
 
     if "streaming_diloco" in ALGORITHMS:  # its defaults: 4 fragments, overlap 1 step, mixing 0.5

@@ -10,6 +10,8 @@ of benchmarks/frontier.py (4 workers, 16 sequences per worker, 1,500 steps, the 
   DiLoCo SGD    outer SGD, lr 0.7, momentum 0.5, no Nesterov: NoLoCo's optimizer over an all-reduce
   NoLoCo        pairs, outer lr 0.7, momentum 0.5, gamma = outer lr (the NoLoCo paper's defaults)
   NoLoCo m0.9   pairs, outer lr 0.7, momentum 0.9, gamma 1.0 (DiLoCo's momentum; pairs need alpha < gamma)
+  NoLoCo Nesterov  pairs with DiLoCo's optimizer (Nesterov, lr 0.7, momentum 0.9; algo.nesterov=true), gamma 0.7
+  NoLoCo Nesterov γ1.0  the same with a stronger pull to the partner's φ (gamma 1.0)
 
 so that optimizer = DiLoCo SGD - DiLoCo and gossip = NoLoCo - DiLoCo SGD. One seed per point (the
 frontier's DiLoCo and NoLoCo points are its cached runs).
@@ -39,7 +41,10 @@ def variants() -> list[tuple[str, str, dict[str, float], tuple[str, ...]]]:
              ("algo.nesterov=false",)),
             ("NoLoCo", "noloco", DEFAULT_HP["noloco"], ()),
             # what would close it: DiLoCo's momentum on NoLoCo (stability for pairs needs alpha < gamma)
-            ("NoLoCo m0.9", "noloco", {"lr": lr, "outer_lr": 0.7, "outer_momentum": 0.9}, ("algo.gamma=1.0",))]
+            ("NoLoCo m0.9", "noloco", {"lr": lr, "outer_lr": 0.7, "outer_momentum": 0.9}, ("algo.gamma=1.0",)),
+            # DiLoCo's own optimizer over the pair's means: Nesterov, lr 0.7, momentum 0.9, gamma = outer lr
+            ("NoLoCo Nesterov", "noloco", DEFAULT_HP["diloco"], ("algo.nesterov=true",)),
+            ("NoLoCo Nesterov γ1.0", "noloco", DEFAULT_HP["diloco"], ("algo.nesterov=true", "algo.gamma=1.0"))]
 
 
 def main() -> int:
@@ -65,15 +70,18 @@ def main() -> int:
                          "val_loss_spread": got[label]["val_loss_spread"],
                          "bytes_sent_per_worker": got[label]["bytes_sent_per_worker"],
                          "vs_diloco_pct": 100 * (got[label]["val_loss"] / got["DiLoCo"]["val_loss"] - 1)})
-        base, sgd, gossip = (got[k]["val_loss"] for k in ("DiLoCo", "DiLoCo SGD", "NoLoCo"))
-        next(r for r in rows if r["H"] == h and r["variant"] == "NoLoCo")["split"] = {"optimizer_pct": 100 * (sgd / base - 1), "gossip_pct": 100 * (gossip / sgd - 1)}
+        base, sgd, gossip, nesterov = (got[k]["val_loss"] for k in ("DiLoCo", "DiLoCo SGD", "NoLoCo", "NoLoCo Nesterov"))
+        next(r for r in rows if r["H"] == h and r["variant"] == "NoLoCo")["split"] = {
+            "optimizer_pct": 100 * (sgd / base - 1), "gossip_pct": 100 * (gossip / sgd - 1),
+            "nesterov_gossip_pct": 100 * (nesterov / base - 1)}
     text = table(rows, [("H", "H"), ("variant", "variant"), ("val_loss", "val loss"), ("vs_diloco_pct", "vs DiLoCo %"),
                         ("val_loss_spread", "worker spread"), ("bytes_sent_per_worker", "bytes/worker")])
     for r in rows:
         if "split" in r:
             text += (f"\nH={r['H']}: NoLoCo - DiLoCo = {r['vs_diloco_pct']:+.2f}%: outer optimizer (SGD m0.5 vs Nesterov "
                      f"m0.9, both all-reduced) {r['split']['optimizer_pct']:+.2f}%, pair gossip instead of the all-reduce "
-                     f"(same optimizer) {r['split']['gossip_pct']:+.2f}%")
+                     f"(same optimizer) {r['split']['gossip_pct']:+.2f}%; with DiLoCo's optimizer (NoLoCo Nesterov) the "
+                     f"gossip costs {r['split']['nesterov_gossip_pct']:+.2f}%")
     text += (f"\n\n{workers} workers, {steps} steps, {args.batch} sequences per worker, seed {args.seed}; val loss = mean "
              "over workers of their own model's final validation loss; worker spread = max - min of those.")
     write_outputs(args.out, {"quick": args.quick, "steps": steps, "workers": workers, "rows": rows}, text)

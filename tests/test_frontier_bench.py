@@ -63,7 +63,7 @@ def test_torchft_diloco_quick(tmp_path):
 
 
 @pytest.mark.timeout(200)
-def test_noloco_gap_quick_pairs_of_two_are_diloco_with_sgd(tmp_path):
+def test_noloco_gap_quick_pairs_of_two_are_diloco_with_its_optimizer(tmp_path):
     _bench("noloco_gap.py", "--out", str(tmp_path / "gap.json"), timeout=190)
     rows = {r["variant"]: r for r in json.loads((tmp_path / "gap.json").read_text())["rows"]}
     # 2 workers: NoLoCo's pair is everyone, so its step is DiLoCo's with outer SGD (no Nesterov) and the
@@ -71,3 +71,5 @@ def test_noloco_gap_quick_pairs_of_two_are_diloco_with_sgd(tmp_path):
     assert abs(rows["NoLoCo"]["val_loss"] - rows["DiLoCo SGD"]["val_loss"]) < 1e-5
     assert abs(rows["NoLoCo"]["val_loss"] - rows["DiLoCo"]["val_loss"]) > 1e-3  # Nesterov 0.9 is another run
     assert rows["NoLoCo"]["bytes_sent_per_worker"] == 2 * rows["DiLoCo SGD"]["bytes_sent_per_worker"]
+    # and with algo.nesterov=true its step is DiLoCo's own (Nesterov 0.7 / 0.9)
+    assert abs(rows["NoLoCo Nesterov"]["val_loss"] - rows["DiLoCo"]["val_loss"]) < 1e-5
