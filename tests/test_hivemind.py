@@ -275,7 +275,7 @@ def test_exchange_is_sent_again_after_a_transport_error_but_not_after_a_timeout(
 
 
 PEER_SCRIPT = """
-import sys, time
+import faulthandler, sys, time
 from dtrain.comm.hivemind import Config, connect
 comm = connect(Config(run_id=sys.argv[1], heartbeat=0.3))
 try:
@@ -283,6 +283,7 @@ try:
     while True:
         time.sleep(0.1)
 finally:
+    faulthandler.dump_traceback_later(30)  # a shutdown that hangs shows where, in the test's failure message
     comm.close()
 """
 
@@ -294,18 +295,23 @@ def test_sigterm_and_sigint_shut_a_peer_down_cleanly(tmp_path):
 
     from dtrain.testing import peers
 
+    # Output goes to files, not pipes: a pipe nobody reads fills up and blocks a peer's shutdown logging.
+    logs = [tmp_path / f"peer{i}.log" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, f"sig{i}"], cwd=peers.REPO, env=peers.peer_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for i in range(2)]
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+             for i, log in enumerate(logs)]
     try:
-        for p in procs:
-            assert p.stdout is not None
-            while "ready" not in (line := p.stdout.readline()):
-                assert line, "peer exited before it was ready"
+        for p, log in zip(procs, logs):
+            deadline = time.monotonic() + 90
+            while "ready" not in log.read_text():
+                assert p.poll() is None, f"peer exited before it was ready: {log.read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "peer not ready within 90 s"
+                time.sleep(0.1)
         procs[0].send_signal(signal.SIGTERM)
         procs[1].send_signal(signal.SIGINT)
         codes = peers.wait(procs, timeout=60)
-        assert codes[0] == 143 and codes[1] in (-2, 1, 130)  # SystemExit(128+15); KeyboardInterrupt
+        tails = "\n".join(f"--- peer {i}: {log.read_text()[-3000:]}" for i, log in enumerate(logs))
+        assert codes[0] == 143 and codes[1] in (-2, 1, 130), f"exit codes {codes}\n{tails}"  # SystemExit(128+15); KeyboardInterrupt
         assert peers.stray_daemons(procs, settle_s=0.5) == []
     finally:
         peers.stop(procs)
