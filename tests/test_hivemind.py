@@ -295,10 +295,15 @@ def test_sigterm_and_sigint_shut_a_peer_down_cleanly(tmp_path):
 
     from dtrain.testing import peers
 
-    # Output goes to files, not pipes: a pipe nobody reads fills up and blocks a peer's shutdown logging.
-    logs = [tmp_path / f"peer{i}.log" for i in range(2)]
+    # Peers start as from a terminal: SIGINT at its default. An ignored SIGINT is inherited through exec
+    # (a pytest-xdist worker can hold one), and Python then never raises KeyboardInterrupt.
+    def default_signals() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    logs = [tmp_path / f"peer{i}.log" for i in range(2)]  # files: a pipe nobody reads can fill and block a peer
     procs = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, f"sig{i}"], cwd=peers.REPO, env=peers.peer_env(),
-                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=default_signals)
              for i, log in enumerate(logs)]
     try:
         for p, log in zip(procs, logs):
