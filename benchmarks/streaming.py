@@ -306,9 +306,11 @@ def goals(rows: list[dict[str, Any]], wan: list[dict[str, Any]]) -> tuple[str, d
         t = by["diloco topk3%+EF"]
         check("topk", t["loss_vs_diloco_pct"] <= 1.0 and t["bytes_x_fewer"] >= 20,
               f"top-k 3% + EF: {t['loss_vs_diloco_pct']:+.2f}% loss (<= +1%) at {t['bytes_x_fewer']:.1f}x fewer bytes (>= 20x)")
-    # a variant counts only where its uncompressed reference is sound: DiLoCo at the row's H no worse than
-    # at the benchmark's H (DiLoCo's Nesterov 0.7 / 0.9 breaks at very small H, which flatters any variant there)
-    sound = (lambda r: d is not None and by[reference_label(r["label"], by)]["val_loss"] <= d["val_loss"])  # noqa: E731
+    def sound(r: dict[str, Any]) -> bool:
+        """A variant counts only where its uncompressed reference is sound: DiLoCo at the row's H no worse than
+        at the benchmark's H (DiLoCo's Nesterov 0.7 / 0.9 breaks at very small H, flattering any variant there)."""
+        return d is not None and by[reference_label(r["label"], by)]["val_loss"] <= d["val_loss"]
+
     variants = [r for r in rows if r["family"] == "diloco" and "topk" in r["label"] and (r["bytes_x_fewer"] or 0) >= 20
                 and r.get("loss_vs_diloco_pct") is not None and sound(r)]
     if variants:
