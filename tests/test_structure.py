@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
+
+from dtrain.workloads.corpus import parse_python
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dtrain"
@@ -18,7 +21,7 @@ def _module_name(path: Path) -> str:
 
 def _imports(path: Path, module: str | None = None) -> set[str]:
     """Every module ``path`` imports, at top level or inside functions (lazy imports count too)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse_python(path.read_text(), filename=str(path))
     module = module or _module_name(path)
     package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
     out: set[str] = set()
@@ -98,3 +101,24 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    import torch.distributed as dist\n    from ..workloads import base\n")
     assert {"torch.distributed", "dtrain.workloads", "dtrain.workloads.base"} <= _imports(probe, "dtrain.algorithms.probe")
+
+
+class _ParsesWhenCollected:
+    def __del__(self) -> None:
+        ast.parse("def f(x):\n    return [(i, x) for i in range(3)]\n")
+
+
+def test_a_parse_survives_another_parse_run_by_the_garbage_collector_mid_parse():
+    # In CI a leaked asyncio task was collected during this file's parse; its finalizer logged a traceback, whose
+    # formatting parses a line, and CPython 3.11 raised "AST constructor recursion depth mismatch".
+    source = Path(ast.__file__).read_text()
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at almost every allocation, so the finalizer runs mid-parse
+    try:
+        for _ in range(3):
+            garbage = _ParsesWhenCollected()
+            garbage.cycle = garbage  # only the cycle collector frees it
+            del garbage
+            assert isinstance(parse_python(source), ast.Module)
+    finally:
+        gc.set_threshold(*threshold)

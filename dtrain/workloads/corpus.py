@@ -45,9 +45,23 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def parse_python(source: str, filename: str = "<unknown>") -> ast.Module:
+    """``ast.parse``, retried on CPython 3.11's spurious SystemError (gh-106905): a parse that starts while
+    another is under way (a finalizer run by the garbage collector mid-parse that formats a traceback, which
+    parses its source line; or another thread) breaks the first one's recursion-depth bookkeeping. The
+    retry starts the bookkeeping afresh."""
+    for attempt in range(5):
+        try:
+            return ast.parse(source, filename=filename)
+        except SystemError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _docstrings(source: str) -> list[str]:
     try:
-        tree = ast.parse(source)
+        tree = parse_python(source)
     except (SyntaxError, ValueError):
         return []
     out = []
