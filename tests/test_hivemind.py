@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -215,6 +216,8 @@ def test_collectives_exchange_bad_peer_and_departure(tmp_path):
     # Closing leaves no daemon of ours behind (they are children of this process).
     left = subprocess.run(["pgrep", "-P", str(os.getpid()), "p2pd"], capture_output=True, text=True).stdout
     assert left.strip() == ""
+    # ... and no task pending on a closed loop, for the garbage collector to destroy later with errors logged.
+    assert all(c.node.loop.is_closed() and not asyncio.all_tasks(c.node.loop) for c in comms)
 
 
 @pytest.mark.timeout(60)

@@ -236,11 +236,28 @@ class Node:
             self._watchdog.wait()
             if self._watchdog.stdin is not None:
                 self._watchdog.stdin.close()
+        try:
+            self.run(_cancel_pending_tasks(), timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
         deadline = time.monotonic() + 5
         while self.dht is not None and self.dht.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+async def _cancel_pending_tasks() -> None:
+    """Cancel and await what still runs on the node's loop (stream handlers, the daemon client's readers):
+    left pending, they would be destroyed later by the garbage collector, after the loop is gone, with
+    errors logged from whatever thread happens to collect them."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=3)
 
 
 def _decode_records(found: Any, now: float) -> dict[str, tuple[dict[str, Any], float]]:
