@@ -65,7 +65,8 @@ def test_torchft_diloco_quick(tmp_path):
 @pytest.mark.timeout(200)
 def test_noloco_gap_quick_pairs_of_two_are_diloco_with_its_optimizer(tmp_path):
     _bench("noloco_gap.py", "--out", str(tmp_path / "gap.json"), timeout=190)
-    rows = {r["variant"]: r for r in json.loads((tmp_path / "gap.json").read_text())["rows"]}
+    payload = json.loads((tmp_path / "gap.json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
     # 2 workers: NoLoCo's pair is everyone, so its step is DiLoCo's with outer SGD (no Nesterov) and the
     # same lr and momentum; it sends phi and delta (2 copies) where the all-reduce sends 2(N-1)/N = 1
     assert abs(rows["NoLoCo"]["val_loss"] - rows["DiLoCo SGD"]["val_loss"]) < 1e-5
@@ -73,3 +74,9 @@ def test_noloco_gap_quick_pairs_of_two_are_diloco_with_its_optimizer(tmp_path):
     assert rows["NoLoCo"]["bytes_sent_per_worker"] == 2 * rows["DiLoCo SGD"]["bytes_sent_per_worker"]
     # and with algo.nesterov=true its step is DiLoCo's own (Nesterov 0.7 / 0.9)
     assert abs(rows["NoLoCo Nesterov"]["val_loss"] - rows["DiLoCo"]["val_loss"]) < 1e-5
+    # so the outer-lr sweep finds the same loss for both at every lr, and the same winner
+    swept = {(r["method"], r["outer_lr"]): r["val_loss"] for r in payload["outer_lr_sweep"]}
+    assert len(swept) == 4 and len({lr for _, lr in swept}) == 2
+    assert all(abs(swept[("NoLoCo Nesterov", lr)] - v) < 1e-5 for (m, lr), v in swept.items() if m == "DiLoCo")
+    diloco, noloco = payload["tuned"]
+    assert noloco["outer_lr"] == diloco["outer_lr"] and abs(noloco["vs_diloco_pct"]) < 1e-3
