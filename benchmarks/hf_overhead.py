@@ -72,7 +72,11 @@ def _plain_worker(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
     step_s = (time.perf_counter() - t_warm) / (args.steps - args.warmup)
     if rank == 0:
-        Path(args.worker_out).write_text(json.dumps({"step_s": step_s, "final_loss": float(loss)}))
+        Path(args.worker_out).write_text(json.dumps({"step_s": step_s, "final_loss": loss.item()}))
+    # Tear down together (as dtrain's torch comm does): a rank destroying gloo while its peer still
+    # finishes DDP's last reduction can abort at exit ("terminate called without an active exception").
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 
