@@ -69,12 +69,10 @@ def sweep_outer_lr(runner: Runner, make: Callable[[float], Run], grid: list[floa
     for _ in range(max_extensions):
         best = min(losses, key=losses.get)
         lrs = sorted(losses)
-        if best == lrs[-1] and len(lrs) > 1:
-            nxt = round(best * best / lrs[-2], 3)
-        elif best == lrs[0] and len(lrs) > 1:
-            nxt = round(best * best / lrs[1], 3)
-        else:
+        if len(lrs) < 2 or best not in (lrs[0], lrs[-1]):
             break
+        inner_neighbour = lrs[1] if best == lrs[0] else lrs[-2]
+        nxt = round(best * best / inner_neighbour, 3)  # one geometric step outward
         losses[nxt] = runner.one(make(nxt))["val_loss"]
     return dict(sorted(losses.items()))
 
